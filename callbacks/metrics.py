@@ -1,0 +1,208 @@
+"""Extraction metrics: the one definition every stack is scored by.
+
+Pure stdlib on purpose: Axolotl's environment, the trainer and the parity
+harness all import this file, and the numbers must mean the same everywhere.
+
+A prediction is parsed strictly (see ``parse_prediction``); an unparseable
+prediction is wrong on every metric. Definitions are in the README
+("Metrics") and mirrored in the docstrings below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from typing import Any, Iterable, Sequence
+
+DEFAULT_FIELDS: tuple[str, ...] = ("name", "age", "occupation", "address", "charge")
+
+_FENCE = re.compile(r"\A```[^\n`]*\n(.*?)\n?```\Z", re.DOTALL)
+_INTEGER = re.compile(r"\A[+-]?\d+(?:\.0*)?\Z")
+
+
+class NonFiniteJSONError(ValueError):
+    """NaN/Infinity: Python's json accepts them, JSON does not."""
+
+
+def reject_constant(token: str) -> Any:
+    raise NonFiniteJSONError(f"{token} is not valid JSON")
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity."""
+    return json.loads(text, parse_constant=reject_constant)
+
+
+def _strip_wrappers(text: str) -> str | None:
+    """Remove whitespace, one leading <think>…</think> block and one code fence."""
+    s = text.strip()
+    if s.startswith("<think>"):
+        end = s.find("</think>")
+        if end < 0:
+            return None  # unclosed think block: the answer never started
+        s = s[end + len("</think>"):].strip()
+    if s.startswith("```"):
+        m = _FENCE.match(s)
+        if m is None:
+            return None
+        s = m.group(1).strip()
+    return s
+
+
+def parse_prediction(text: str | None) -> list[dict] | None:
+    """The offenders list of a prediction, or None when it is unparseable.
+
+    Parseable means: after stripping whitespace, one leading ``<think>`` block
+    and one surrounding Markdown code fence, the rest is exactly one JSON object
+    whose ``offenders`` is a list of objects. Trailing text makes it
+    unparseable.
+    """
+    if not isinstance(text, str):
+        return None
+    s = _strip_wrappers(text)
+    if s is None:
+        return None
+    try:
+        obj = loads_strict(s)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    offenders = obj.get("offenders")
+    if not isinstance(offenders, list) or not all(isinstance(o, dict) for o in offenders):
+        return None
+    return offenders
+
+
+def normalize_name(value: Any) -> str:
+    """NFKC with every whitespace character removed; missing/null is ''."""
+    return "".join(_normalize_text(value).split())
+
+
+def _normalize_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return unicodedata.normalize("NFKC", value).strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def normalize_age(value: Any) -> int | str:
+    """An integer when the value is one (34, "34", "３４", 34.0), else a normalised string."""
+    if isinstance(value, bool):
+        return _normalize_text(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    text = _normalize_text(value)
+    if _INTEGER.match(text):
+        return int(float(text)) if "." in text else int(text)
+    return text
+
+
+def normalize_field(field: str, value: Any) -> int | str:
+    if field == "name":
+        return normalize_name(value)
+    if field == "age":
+        return normalize_age(value)
+    return _normalize_text(value)
+
+
+def name_set(offenders: Iterable[dict]) -> set[str]:
+    return {normalize_name(o.get("name")) for o in offenders}
+
+
+def flatten(offenders: Sequence[dict], fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, str]:
+    """The CSV view: present, count, and each field's values joined by '|'.
+
+    Offenders are ordered by normalised name (ties by their other normalised
+    values), so list order in the JSON never matters.
+    """
+    rows = [tuple(str(normalize_field(f, o.get(f))) for f in fields) for o in offenders]
+    name_idx = fields.index("name") if "name" in fields else None
+    if name_idx is None:
+        rows.sort()
+    else:
+        rows.sort(key=lambda r: (r[name_idx], r))
+    flat = {"present": "1" if offenders else "0", "count": str(len(offenders))}
+    for i, f in enumerate(fields):
+        flat[f] = "|".join(r[i] for r in rows)
+    return flat
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else 2 * tp / denom
+
+
+def compute_metrics(
+    gold: Sequence[Sequence[dict]],
+    predictions: Sequence[str | None],
+    fields: Sequence[str] = DEFAULT_FIELDS,
+) -> dict[str, float | int]:
+    """Score predictions (raw model text) against gold offender lists.
+
+    ``gold[i]`` is the parsed ``offenders`` list of example i.
+    """
+    if len(gold) != len(predictions):
+        raise ValueError(f"{len(gold)} gold examples but {len(predictions)} predictions")
+    n = len(gold)
+    if n == 0:
+        raise ValueError("no examples to score")
+    fields = tuple(fields)
+    flat_keys = ("present", "count", *fields)
+
+    parsed_count = exact = 0
+    p_tp = p_fp = p_fn = 0
+    n_tp = n_fp = n_fn = 0
+    negatives = hallucinated = 0
+    field_hits = dict.fromkeys(flat_keys, 0)
+
+    for gold_offenders, text in zip(gold, predictions):
+        pred = parse_prediction(text)
+        gold_pos = bool(gold_offenders)
+        if pred is not None:
+            parsed_count += 1
+        pred_pos = pred is not None and bool(pred)
+        if gold_pos:
+            p_tp += pred_pos
+            p_fn += not pred_pos
+        else:
+            negatives += 1
+            p_fp += pred is None or pred_pos
+            hallucinated += pred_pos
+
+        g_names = name_set(gold_offenders)
+        p_names = name_set(pred) if pred is not None else set()
+        n_tp += len(p_names & g_names)
+        n_fp += len(p_names - g_names)
+        n_fn += len(g_names - p_names)
+
+        if pred is not None:
+            g_flat, p_flat = flatten(gold_offenders, fields), flatten(pred, fields)
+            matches = [k for k in flat_keys if g_flat[k] == p_flat[k]]
+            for k in matches:
+                field_hits[k] += 1
+            exact += len(matches) == len(flat_keys)
+
+    metrics: dict[str, float | int] = {
+        "gen_num_examples": n,
+        "gen_json_parse_rate": parsed_count / n,
+        "gen_offender_presence_f1": _f1(p_tp, p_fp, p_fn),
+        "gen_offender_name_set_f1": _f1(n_tp, n_fp, n_fn),
+        "gen_all_fields_exact_match_rate": exact / n,
+    }
+    for k in flat_keys:
+        metrics[f"gen_field_match_rate/{k}"] = field_hits[k] / n
+    if negatives:
+        metrics["gen_negative_hallucination_rate"] = hallucinated / negatives
+    return metrics

@@ -1,0 +1,1 @@
+"""Data preparation, validation, conversion and generation: `python -m data_tools --help`."""

@@ -1,0 +1,43 @@
+"""`python -m data_tools <command>`: one sub-command per module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_tools import convert, prepare, split, stats, synth, tiny_model, validate
+from data_tools.records import DataError
+
+COMMANDS = {
+    "synth": synth,
+    "prepare": prepare,
+    "validate": validate,
+    "convert": convert,
+    "split": split,
+    "stats": stats,
+    "tiny-model": tiny_model,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        summary = module.__doc__.strip().splitlines()[0]
+        p = sub.add_parser(name, help=summary, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
