@@ -26,7 +26,7 @@ def token_lengths(records: list[dict], tokenizer_dir: str) -> list[int]:
     from data_tools.prompt import record_messages
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return [len(tok.apply_chat_template(record_messages(r), tokenize=True)) for r in records]
+    return [len(tok.apply_chat_template(record_messages(r), tokenize=True, return_dict=False)) for r in records]
 
 
 def describe(records: list[dict]) -> dict:

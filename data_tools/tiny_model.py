@@ -122,7 +122,7 @@ def pretraining_corpus(spec: TinySpec) -> tuple[list[str], list[list[dict]]]:
 # ---------------------------------------------------------------- tokenizer
 
 def train_tokenizer(texts: list[str], spec: TinySpec, out_dir: Path):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
@@ -145,6 +145,8 @@ def train_tokenizer(texts: list[str], spec: TinySpec, out_dir: Path):
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", unk_token=None)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    # As in Qwen3: think tags are whole tokens, but not special (decode keeps them).
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = spec.max_positions
     tok.save_pretrained(out_dir)

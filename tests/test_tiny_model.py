@@ -50,6 +50,17 @@ def test_dense_and_moe_models_load_and_run(tiny):
         assert out.shape[1] == batch["input_ids"].shape[1] + 3 or tok.eos_token_id in out[0].tolist()
 
 
+def test_stats_token_lengths_use_the_chat_template(tiny, cli, tmp_path):
+    records = generate(0, "train", "positive", 5)
+    (tmp_path / "t.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    r = cli("-m", "data_tools", "stats", str(tmp_path / "t.json"), "--tokenizer", str(tiny.dense))
+    assert r.returncode == 0, r.stderr
+    tok = AutoTokenizer.from_pretrained(tiny.dense)
+    longest = max(len(tok.apply_chat_template(record_messages(x), tokenize=True, return_dict=False))
+                  for x in records)
+    assert f"'p100': {longest}" in r.stdout and longest > 100
+
+
 def test_build_is_cached(tiny, capsys):
     assert ensure_tiny_models() == tiny
     assert (tiny.dense.parent / "build.json").exists()
