@@ -1,14 +1,19 @@
-"""Fine-tune Qwen3 to extract offenders from Japanese news as JSON (Unsloth + TRL).
+"""Fine-tune Qwen3 to extract offenders from Japanese news as JSON (Unsloth + TRL SFTTrainer).
 
-Not implemented yet: the trainer (modes `single` and `two-stage`, presets,
-backends) is the next piece of work. Until then this script says so and
-exits with status 2, rather than pretend to train. The data and scoring
-pipeline already runs: `bash scripts/demo.sh`.
+    python qwen_finetune.py --mode single                     # tiny preset, CPU, minutes
+    python qwen_finetune.py --mode two-stage --preset tiny
+    torchrun --nproc_per_node=4 qwen_finetune.py --mode single --preset qwen3-30b-a3b \\
+        --deepspeed deepspeed_configs/zero2.json
+    python qwen_finetune.py --preset qwen3-30b-a3b --dry-run  # preflight report, no training
+
+Modes: `single` = bf16 LoRA, one stage over the negative-sampled mix;
+`two-stage` = 4-bit NF4 QLoRA, stage1 on the positives then stage2 on the mix,
+continuing the same adapter. The flow lives in finetune/pipeline.py.
 """
 
 import sys
 
+from finetune.cli import main
+
 if __name__ == "__main__":
-    print("qwen_finetune.py: the trainer is not implemented yet; `bash scripts/demo.sh` runs the "
-          "data and scoring pipeline on the tiny default.", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main(sys.argv[1:], "qwen_finetune.py", __doc__))

@@ -20,12 +20,15 @@ def percentiles(values: list[int], qs=(50, 90, 95, 99, 100)) -> dict[str, int]:
     return {f"p{q}": ordered[min(len(ordered) - 1, max(0, -(-q * len(ordered) // 100) - 1))] for q in qs}
 
 
-def token_lengths(records: list[dict], tokenizer_dir: str) -> list[int]:
-    from transformers import AutoTokenizer
-
+def token_lengths(records: list[dict], tokenizer) -> list[int]:
+    """Tokens of each full chat; `tokenizer` is a tokenizer or its folder."""
     from data_tools.prompt import record_messages
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    tok = tokenizer
     return [len(tok.apply_chat_template(record_messages(r), tokenize=True, return_dict=False)) for r in records]
 
 

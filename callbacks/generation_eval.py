@@ -1,0 +1,245 @@
+"""Generation-based evaluation: generate answers for the eval set, score them
+with `callbacks.metrics`, log `gen_*` metrics and write predictions.
+
+One evaluator for every stack: `GenerationEvalCallback` (our trainer and, via
+`callbacks.axolotl_plugins`, Axolotl) and `evaluate_records` (offline, the
+parity harness) run the same code. Depends on transformers, torch and this
+repository's pure modules only (it must import in Axolotl's environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+from callbacks.metrics import DEFAULT_FIELDS, compute_metrics, parse_prediction
+from data_tools.prompt import record_messages
+
+ANSWER_MARGIN_TOKENS = 16
+
+
+def sample_records(records: list[dict], limit: int, seed: int) -> list[dict]:
+    """A fixed-seed subset (original order kept); all when limit <= 0."""
+    if limit <= 0 or limit >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+def answer_token_budget(records: Sequence[dict], tokenizer) -> int:
+    """Longest gold answer in tokens plus a margin: enough for a right answer, no more."""
+    longest = max(len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in records)
+    return longest + ANSWER_MARGIN_TOKENS
+
+
+def _stop_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: int = 32,
+                     max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
+    """Greedy answers, batched with left padding. Returns, per record,
+    {"prediction": text, "truncated": hit the limit without an end-of-turn}."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not records:
+        return []
+    max_new_tokens = max_new_tokens or answer_token_budget(records, tokenizer)
+    stop_ids = _stop_token_ids(tokenizer, model)
+    prompts = [tokenizer.apply_chat_template(record_messages(r, with_answer=False), tokenize=False,
+                                             add_generation_prompt=True) for r in records]
+    # Longest prompts first: batches of similar length waste less padding.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    results: list[dict | None] = [None] * len(records)
+    try:
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="generation eval", unit="batch", disable=not progress):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                     temperature=None, top_p=None, top_k=None)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                tokens = new[row].tolist()
+                stopped = any(t in stop_ids for t in tokens)
+                results[i] = {"prediction": tokenizer.decode(tokens, skip_special_tokens=True),
+                              "truncated": not stopped and len(tokens) >= max_new_tokens}
+    finally:
+        tokenizer.padding_side = padding_side
+    return results  # type: ignore[return-value]
+
+
+def score(records: Sequence[dict], answers: Sequence[dict], fields: Sequence[str] = DEFAULT_FIELDS) -> dict:
+    """All gen_* metrics, overall and per source (positive/negative) where records carry one."""
+    from data_tools.records import gold_offenders
+
+    gold = [gold_offenders(r) for r in records]
+    preds = [a["prediction"] for a in answers]
+    metrics = compute_metrics(gold, preds, fields)
+    metrics["gen_truncation_rate"] = sum(a["truncated"] for a in answers) / len(answers)
+    for source in sorted({r.get("source") for r in records if r.get("source")}):
+        idx = [i for i, r in enumerate(records) if r.get("source") == source]
+        part = compute_metrics([gold[i] for i in idx], [preds[i] for i in idx], fields)
+        for key in ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
+                    "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_num_examples"):
+            if key in part:
+                metrics[f"{key}/{source}"] = part[key]
+    return metrics
+
+
+def prediction_rows(records: Sequence[dict], answers: Sequence[dict], fields: Sequence[str]) -> list[dict]:
+    from callbacks.metrics import flatten
+    from data_tools.records import gold_offenders
+
+    rows = []
+    for r, a in zip(records, answers):
+        pred = parse_prediction(a["prediction"])
+        gold = gold_offenders(r)
+        matches = None
+        if pred is not None:
+            g, p = flatten(gold, fields), flatten(pred, fields)
+            matches = {k: g[k] == p[k] for k in g}
+        rows.append({"id": r.get("id"), "source": r.get("source"), "gold": r["output"],
+                     "prediction": a["prediction"], "parseable": pred is not None,
+                     "truncated": a["truncated"], "field_matches": matches})
+    return rows
+
+
+def write_results(out_dir: str | os.PathLike, step: int, metrics: dict, rows: list[dict]) -> None:
+    """gen_metrics_step{N}.json and gen_predictions_step{N}.jsonl, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in ((f"gen_metrics_step{step}.json", json.dumps(metrics, indent=2, ensure_ascii=False)),
+                       (f"gen_predictions_step{step}.jsonl",
+                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+
+
+def evaluate_records(model, tokenizer, records: Sequence[dict], *, batch_size: int = 32,
+                     fields: Sequence[str] = DEFAULT_FIELDS, max_new_tokens: int | None = None,
+                     progress: bool = True) -> tuple[dict, list[dict]]:
+    """Offline evaluation of a loaded model: (metrics, prediction rows)."""
+    answers = generate_answers(model, tokenizer, records, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress)
+    return score(records, answers, fields), prediction_rows(records, answers, fields)
+
+
+def _shard(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def _unshard(shards: list[list], total: int) -> list:
+    out = [None] * total
+    for rank, shard in enumerate(shards):
+        out[rank::len(shards)] = shard
+    return out
+
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # the pure helpers above stay importable without transformers
+    TrainerCallback = object
+
+
+class GenerationEvalCallback(TrainerCallback):
+    """On each evaluation and at the end of training: generate, score, log `gen_*`.
+
+    Every rank generates its own shard of the eval records; rank 0 gathers,
+    scores, logs and writes the files."""
+
+    def __init__(self, records: Sequence[dict], tokenizer=None, *, batch_size: int = 32,
+                 max_samples: int = 0, seed: int = 0, fields: Sequence[str] = DEFAULT_FIELDS,
+                 output_dir: str | None = None, max_new_tokens: int | None = None):
+        self.records = sample_records(list(records), max_samples, seed)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.fields = tuple(fields)
+        self.output_dir = output_dir
+        self.max_new_tokens = max_new_tokens
+        self.history: list[dict] = []
+        self._last_step = None
+        self.trainer = None  # set by the owner so metrics reach every logger via trainer.log
+
+    def run(self, model, tokenizer, step: int, args=None) -> dict | None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        tokenizer = self.tokenizer or tokenizer
+        budget = self.max_new_tokens or answer_token_budget(self.records, tokenizer)
+        was_training = model.training
+        _for_inference(model)
+        try:
+            mine = generate_answers(model, tokenizer, _shard(self.records, rank, world),
+                                    batch_size=self.batch_size, max_new_tokens=budget,
+                                    progress=rank == 0)
+        finally:
+            _for_training(model, was_training)
+        if world > 1:
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(mine, gathered, dst=0)
+            if rank != 0:
+                return None
+            answers = _unshard(gathered, len(self.records))
+        else:
+            answers = mine
+        metrics = score(self.records, answers, self.fields)
+        out_dir = self.output_dir or (args.output_dir if args is not None else None)
+        if out_dir:
+            write_results(out_dir, step, metrics, prediction_rows(self.records, answers, self.fields))
+        self.history.append({"step": step, **metrics})
+        self._last_step = step
+        return metrics
+
+    def _run_and_log(self, args, state, model, processing_class):
+        metrics = self.run(model, processing_class, state.global_step, args)
+        if metrics is not None and self.trainer is not None:
+            self.trainer.log({k: v for k, v in metrics.items()})
+        elif metrics is not None:
+            state.log_history.append({"step": state.global_step, **metrics})
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self._last_step != state.global_step:
+            self._run_and_log(args, state, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self._last_step != state.global_step:
+            self._run_and_log(args, state, model, processing_class)
+
+
+def _unsloth_loaded() -> bool:
+    # Only a process that imported Unsloth (its backend) has Unsloth-patched models.
+    import sys
+
+    return "unsloth" in sys.modules
+
+
+def _for_inference(model) -> None:
+    model.eval()
+    if _unsloth_loaded():
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+
+
+def _for_training(model, was_training: bool) -> None:
+    if was_training and _unsloth_loaded():
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_training(model)
+    model.train(was_training)

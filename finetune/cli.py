@@ -1,0 +1,67 @@
+"""Command line shared by qwen_finetune.py and qwen_finetune_legacy.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_tools.records import DataError
+from finetune import config as config_mod
+from finetune.config import ConfigError
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any configuration key can be set as key=value or --key value "
+               "(e.g. learning_rate=1e-4 --lora_r 8); --help-config lists them.")
+    p.add_argument("--mode", choices=config_mod.MODES, help="single (bf16 LoRA, one stage) or two-stage "
+                   "(4-bit QLoRA, positives then the mix)")
+    p.add_argument("--config", help="YAML file of configuration keys")
+    p.add_argument("--preset", help=f"one of: {', '.join(config_mod.PRESETS)} (default: tiny)")
+    p.add_argument("--backend", choices=config_mod.BACKENDS, help="auto (Unsloth when it imports), unsloth, hf")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. deepspeed_configs/zero2.json")
+    p.add_argument("--dry-run", action="store_true", help="print the preflight report and exit")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished stage from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete and retrain stages that already exist")
+    p.add_argument("--help-config", action="store_true", help="list every configuration key and its default")
+    return p
+
+
+def split_overrides(extra: list[str]) -> list[str]:
+    """`key=value`, `--key=value`, `--key value` and `--flag` (true) -> ["key=value", ...]."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            out.append(item)
+        elif "=" in item:
+            out.append(item[2:])
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--") and "=" not in extra[i + 1]:
+            out.append(f"{item[2:]}={extra[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{item[2:]}=true")
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | None = None,
+         default_preset: str | None = None) -> int:
+    """`fixed`: keys a restore path freezes over any preset (the user may still override them)."""
+    args, extra = build_parser(prog, description).parse_known_args(argv)
+    if args.help_config:
+        for key, value in config_mod.to_dict(config_mod.FinetuneConfig()).items():
+            print(f"{key:<28} {value}")
+        return 0
+    try:
+        overrides = config_mod.parse_overrides(split_overrides(extra))
+        cfg = config_mod.resolve(
+            args.mode, args.preset or default_preset, args.config, overrides,
+            {"backend": args.backend, "deepspeed": args.deepspeed}, fixed=fixed or {})
+        from finetune.pipeline import run
+
+        return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

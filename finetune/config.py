@@ -1,0 +1,320 @@
+"""The fine-tuning configuration: one flat dataclass, presets, YAML, overrides.
+
+Resolution order (later wins): dataclass defaults < preset < --config YAML <
+key=value overrides < dedicated flags. Everything is checked before any
+model loads (`validate`), with messages that say what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("single", "two-stage")
+BACKENDS = ("auto", "unsloth", "hf")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+DTYPES = ("bfloat16", "float16", "float32")
+# The model's own template is what Axolotl's `chat_template: tokenizer_default`
+# uses, so both stacks format identically; the named ones are for base models
+# whose tokenizer has none.
+CHAT_TEMPLATES = ("tokenizer_default", "qwen3_2507")
+TINY_MODELS = ("tiny-dense", "tiny-moe")
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DENSE_MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@dataclass
+class FinetuneConfig:
+    # what and where
+    mode: str = "single"
+    preset: str = "tiny"
+    backend: str = "auto"
+    model_name: str = "tiny-dense"
+    output_dir: str = "outputs/tiny"
+    trust_remote_code: bool = False
+    chat_template: str = "tokenizer_default"
+    # data: `single` trains on train_file; `two-stage` on stage1_train_file
+    # (positives), then stage2_train_file (the positive+negative mix)
+    train_file: str = "data/train/hawks_train_curriculum.json"
+    stage1_train_file: str = "data/train/hawks_train.json"
+    stage2_train_file: str = "data/train/hawks_train_curriculum.json"
+    eval_file: str = "data/train/hawks_val_mixed.json"
+    eval_max_samples: int = 0  # 0 = all; caps eval_loss and generation eval cost
+    max_train_samples: int = 0  # 0 = all
+    # precision / memory
+    load_in_4bit: bool = False  # two-stage sets it (NF4, double quant)
+    dtype: str = "bfloat16"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    max_length: int = 1536
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    expert_lora_r: int = 0  # 0 = lora_r (one rank, as in Axolotl's lora_r)
+    # "auto": attention + dense MLP modules + fused experts, whichever the model has
+    lora_target_modules: list = field(default_factory=lambda: ["auto"])
+    lora_target_parameters: list = field(default_factory=lambda: ["auto"])
+    train_router: bool = False
+    # optimisation (single mode, and the defaults for each stage)
+    learning_rate: float = 2e-4
+    num_epochs: float = 1.5
+    max_steps: int = -1
+    lr_scheduler: str = "cosine_with_min_lr"
+    min_lr_ratio: float = 0.05
+    warmup_ratio: float = 0.03
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    optim: str = "adamw_torch"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # two-stage specifics (the seeds give only the learning rates)
+    stage1_learning_rate: float = 2e-4
+    stage2_learning_rate: float = 1e-4
+    stage1_num_epochs: float = 1.0
+    stage2_num_epochs: float = 1.0
+    # bookkeeping
+    seed: int = 3407
+    logging_steps: int = 10
+    eval_steps: int = 200
+    save_steps: int = 200
+    save_total_limit: int = 3
+    eval_batch_size: int = 1
+    # generation eval (gen_* metrics) at each evaluation and at the end
+    gen_eval: bool = True
+    gen_eval_max_samples: int = 0  # 0 = every eval record (after eval_max_samples)
+    gen_eval_batch_size: int = 32
+    dataloader_num_workers: int = 0
+    deepspeed: str = ""
+    report_to: list = field(default_factory=list)
+    # stalls: dump every thread's stack when no optimizer step completes in time
+    watchdog_first_step_s: float = 600.0
+    watchdog_step_s: float = 300.0
+    # extra transformers TrainerCallback classes, as "package.module.ClassName"
+    extra_callbacks: list = field(default_factory=list)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: synthetic corpus + tiny offline model, CPU, minutes.
+    "tiny": {
+        "model_name": "tiny-dense", "output_dir": "outputs/tiny", "dtype": "float32",
+        "train_file": "data/tiny/hawks_train_curriculum.json",
+        "stage1_train_file": "data/tiny/hawks_train.json",
+        "stage2_train_file": "data/tiny/hawks_train_curriculum.json",
+        "eval_file": "data/tiny/hawks_val_mixed.json", "eval_max_samples": 100,
+        "max_length": 640, "gradient_checkpointing": False,
+        "lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-3, "num_epochs": 1.0,
+        "stage1_learning_rate": 2e-3, "stage2_learning_rate": 1e-3,
+        "micro_batch_size": 8, "gradient_accumulation_steps": 1, "warmup_ratio": 0.03,
+        "logging_steps": 10, "eval_steps": 100, "save_steps": 100, "save_total_limit": 2,
+        "eval_batch_size": 16,
+    },
+    # The user's production run (seeds 001): Qwen3-30B-A3B on 4 GPUs.
+    "qwen3-30b-a3b": {
+        "model_name": "unsloth/Qwen3-30B-A3B-Instruct-2507", "output_dir": "outputs/qwen3-30b-a3b",
+        "dtype": "bfloat16", "max_length": 1536, "micro_batch_size": 1,
+        "gradient_accumulation_steps": 16, "learning_rate": 2e-4, "num_epochs": 1.5,
+        "eval_steps": 200, "save_steps": 200, "save_total_limit": 3, "eval_max_samples": 500,
+    },
+}
+
+# two-stage means 4-bit QLoRA (bf16 compute) unless the user says otherwise
+MODE_DEFAULTS = {"two-stage": {"load_in_4bit": True, "dtype": "bfloat16"}, "single": {"load_in_4bit": False}}
+
+
+class ConfigError(Exception):
+    """A user mistake in the configuration; printed without a traceback."""
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(FinetuneConfig)]
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with --help-config for the list"
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _coerce(key: str, raw: Any, where: str) -> Any:
+    """Turn a YAML value or a command-line string into the field's type."""
+    default = getattr(FinetuneConfig(), key)
+    kind = type(default)
+    try:
+        if isinstance(raw, str) and kind is not str:
+            if kind is bool:
+                low = raw.strip().lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                return low in ("true", "1", "yes")
+            if kind is list:
+                return [x.strip() for x in raw.split(",") if x.strip()]
+            return kind(raw)
+        if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if kind is bool and not isinstance(raw, bool) or kind is list and not isinstance(raw, list) \
+                or kind in (int, float, str) and (not isinstance(raw, kind) or isinstance(raw, bool)):
+            raise ValueError(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{where}: '{key}' must be {kind.__name__}, got {raw!r}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. learning_rate=1e-4)")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def resolve(mode: str | None, preset: str | None, config_file: str | None,
+            overrides: dict[str, Any], flags: dict[str, Any], fixed: dict[str, Any] | None = None
+            ) -> FinetuneConfig:
+    """Build the config from every source (see the module doc), then validate it.
+
+    `fixed`: a restore path's frozen values, applied over the preset."""
+    fixed = fixed or {}
+    file_values = load_yaml(config_file) if config_file else {}
+    preset = preset or file_values.get("preset") or overrides.get("preset") or "tiny"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
+    mode = mode or overrides.get("mode") or file_values.get("mode") or fixed.get("mode") or "single"
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode '{mode}'; valid modes: {', '.join(MODES)}")
+    layers = [(f"preset {preset}", PRESETS[preset]), (f"mode {mode}", MODE_DEFAULTS[mode]),
+              ("frozen defaults", fixed)]
+    if config_file:
+        layers.append((config_file, file_values))
+    layers.append(("command line", overrides))
+    layers.append(("command line", {k: v for k, v in flags.items() if v is not None}))
+    values: dict[str, Any] = {}
+    for where, layer in layers:
+        for key, raw in layer.items():
+            if key not in field_names():
+                raise _unknown_key(key, where)
+            values[key] = _coerce(key, raw, where)
+    values.update(mode=mode, preset=preset)
+    cfg = FinetuneConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_files(cfg: FinetuneConfig) -> dict[str, str]:
+    files = {"train_file": cfg.train_file} if cfg.mode == "single" else {
+        "stage1_train_file": cfg.stage1_train_file, "stage2_train_file": cfg.stage2_train_file}
+    files["eval_file"] = cfg.eval_file
+    return files
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Every check that needs no model: fail fast, before minutes of loading."""
+    def choice(key: str, valid) -> None:
+        if getattr(cfg, key) not in valid:
+            raise ConfigError(f"'{key}' is '{getattr(cfg, key)}'; valid values: {', '.join(valid)}")
+
+    choice("backend", BACKENDS)
+    choice("dtype", DTYPES)
+    choice("attn_implementation", ATTENTION)
+    if cfg.chat_template not in CHAT_TEMPLATES:
+        raise ConfigError(f"unknown chat_template '{cfg.chat_template}'; valid names: "
+                          f"{', '.join(CHAT_TEMPLATES)} (tokenizer_default = the model's own template)")
+    for key in ("lora_r", "lora_alpha", "micro_batch_size", "gradient_accumulation_steps", "max_length",
+                "logging_steps", "eval_steps", "save_steps", "eval_batch_size", "gen_eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.expert_lora_r < 0:
+        raise ConfigError("'expert_lora_r' must be >= 0 (0 means: same as lora_r)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_target_parameters not in ([], ["auto"]) and cfg.lora_dropout != 0:
+        raise ConfigError("lora_dropout must be 0 when lora_target_parameters (fused MoE experts) are "
+                          "set: PEFT cannot apply dropout to parameter targets. Set lora_dropout=0, or "
+                          "lora_target_parameters= (empty) for a dense model")
+    if not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError("'min_lr_ratio' must be in [0, 1] and 'warmup_ratio' in [0, 1)")
+    if cfg.max_steps < 1 and min(cfg.num_epochs, cfg.stage1_num_epochs, cfg.stage2_num_epochs) <= 0:
+        raise ConfigError("epochs must be > 0 (or set max_steps)")
+    if cfg.load_in_4bit and cfg.dtype == "float32":
+        raise ConfigError("load_in_4bit needs a 16-bit compute dtype: set dtype=bfloat16 "
+                          "(or load_in_4bit=false)")
+    if cfg.load_in_4bit and cfg.deepspeed:
+        raise ConfigError("4-bit QLoRA with DeepSpeed is not supported by this trainer: the frozen "
+                          "4-bit weights cannot be sharded by ZeRO. Use --mode single (bf16 LoRA) with "
+                          "DeepSpeed, or drop --deepspeed")
+    if cfg.watchdog_first_step_s <= 0 or cfg.watchdog_step_s <= 0:
+        raise ConfigError("watchdog timeouts must be > 0 seconds")
+    tiny_generated = cfg.preset == "tiny" and all(
+        Path(p).parts[:2] == ("data", "tiny") for p in data_files(cfg).values())
+    if not tiny_generated:  # the tiny preset writes its own data on first use
+        for key, path in data_files(cfg).items():
+            if not Path(path).is_file():
+                raise ConfigError(f"{key}: file not found: {path}. Create it with `python -m data_tools "
+                                  f"synth` / `prepare`, or point {key}=... at your data")
+    if cfg.deepspeed:
+        check_deepspeed(cfg)
+
+
+def check_deepspeed(cfg: FinetuneConfig) -> None:
+    """A hand-written batch size must agree with the trainer's arithmetic (the
+    seeds' ZeRO error); "auto" always does."""
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed: file not found: {cfg.deepspeed}")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg.deepspeed}: not valid JSON: line {e.lineno}: {e.msg}") from None
+    world = world_size()
+    expected = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world,
+    }
+    for key, want in expected.items():
+        got = ds.get(key, "auto")
+        if got != "auto" and got != want:
+            raise ConfigError(
+                f"{cfg.deepspeed}: {key} is {got}, but micro_batch_size {cfg.micro_batch_size} x "
+                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x world size {world} "
+                f"gives {want}. Set it to \"auto\" (recommended) or to {want}")
+    opt = ds.get("optimizer", {}).get("params", {})
+    if isinstance(opt.get("lr"), (int, float)):
+        raise ConfigError(f"{cfg.deepspeed}: optimizer.params.lr is fixed at {opt['lr']}; set it to "
+                          "\"auto\" so the trainer's learning rate and schedule apply")
+
+
+def to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cfg: FinetuneConfig) -> str:
+    """The resolved configuration, one key per line (printed at start)."""
+    return "\n".join(f"  {k:<28} {v}" for k, v in to_dict(cfg).items())

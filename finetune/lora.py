@@ -1,0 +1,120 @@
+"""LoRA targets that are right for dense and MoE Qwen3, and checks that they were.
+
+Qwen3-MoE in transformers 5 keeps its experts as fused 3-D parameters
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not `nn.Linear`
+modules, so module names like `gate_proj` match no expert: they need PEFT's
+`target_parameters`. The router (`mlp.gate`, a top-k router, not a Linear) is
+a different thing from the experts' `gate_proj` and stays frozen unless
+`train_router` is set (Unsloth also never trains it, for stability).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, ConfigError
+
+CATEGORIES = ("attention", "dense_mlp", "experts", "router", "other")
+ROUTER_MODULE = "mlp.gate"
+
+
+def category(param_name: str) -> str:
+    """Which part of the network a (possibly LoRA-wrapped) parameter belongs to."""
+    if ".experts." in param_name or param_name.endswith(".experts"):
+        return "experts"
+    if re.search(r"\.mlp\.gate(\.|$)", param_name):
+        return "router"
+    if any(f".{t}." in param_name or param_name.endswith(f".{t}") for t in ATTENTION_TARGETS):
+        return "attention"
+    if any(f".{t}." in param_name or param_name.endswith(f".{t}") for t in DENSE_MLP_TARGETS):
+        return "dense_mlp"
+    return "other"
+
+
+@dataclass
+class TargetPlan:
+    modules: list[str]
+    parameters: list[str]
+    matches: dict[str, int] = field(default_factory=dict)  # requested name -> how many it matched
+    router: bool = False
+    expert_rank: int = 0
+
+    def peft_kwargs(self, cfg) -> dict:
+        kwargs = {"target_modules": self.modules or None, "target_parameters": self.parameters or None}
+        if self.parameters and self.expert_rank != cfg.lora_r:
+            kwargs["rank_pattern"] = {re.escape(p): self.expert_rank for p in self.parameters}
+        if self.router:
+            kwargs["modules_to_save"] = [ROUTER_MODULE]
+        return kwargs
+
+
+def _module_matches(model, name: str) -> int:
+    import torch
+
+    return sum(1 for full, mod in model.named_modules()
+               if (full == name or full.endswith("." + name)) and isinstance(mod, torch.nn.Linear)
+               or (full == name or full.endswith("." + name)) and type(mod).__name__.startswith("Linear"))
+
+
+def _parameter_matches(model, name: str) -> int:
+    return sum(1 for full, _ in model.named_parameters() if full == name or full.endswith("." + name))
+
+
+def plan_targets(model, cfg) -> TargetPlan:
+    """Resolve "auto" and check that every requested target matches something."""
+    auto_modules = cfg.lora_target_modules == ["auto"]
+    auto_params = cfg.lora_target_parameters == ["auto"]
+    modules = ATTENTION_TARGETS + DENSE_MLP_TARGETS if auto_modules else list(cfg.lora_target_modules)
+    params = list(EXPERT_TARGETS) if auto_params else list(cfg.lora_target_parameters)
+    matches = {m: _module_matches(model, m) for m in modules}
+    matches.update({p: _parameter_matches(model, p) for p in params})
+    if auto_modules:  # e.g. an all-MoE model has no dense MLP: drop what is absent
+        modules = [m for m in modules if matches[m]]
+    if auto_params:
+        params = [p for p in params if matches[p]]
+    missing = [t for t in modules + params if not matches[t]]
+    if missing:
+        experts_hint = ""
+        if any(m in DENSE_MLP_TARGETS for m in missing) and any(_parameter_matches(model, p) for p in EXPERT_TARGETS):
+            experts_hint = (" This model keeps its experts as fused parameters: target them with "
+                            "lora_target_parameters=" + ",".join(EXPERT_TARGETS) + ".")
+        raise ConfigError(f"LoRA target(s) {', '.join(missing)} match nothing in {type(model).__name__}."
+                          f"{experts_hint} Remove them, or use 'auto'.")
+    if params and cfg.lora_dropout != 0:
+        raise ConfigError(f"lora_dropout is {cfg.lora_dropout}, but this model's experts are fused "
+                          "parameters and PEFT cannot apply dropout to them: set lora_dropout=0")
+    if not modules and not params:
+        raise ConfigError("no LoRA targets left: set lora_target_modules or lora_target_parameters")
+    if cfg.train_router and not any(name.endswith(ROUTER_MODULE) for name, _ in model.named_modules()):
+        raise ConfigError(f"train_router is set but {type(model).__name__} has no router ({ROUTER_MODULE})")
+    return TargetPlan(modules, params, {t: matches[t] for t in modules + params}, cfg.train_router,
+                      cfg.expert_lora_r or cfg.lora_r)
+
+
+def count_parameters(model) -> dict:
+    """Total and trainable parameter counts, the trainable ones per category."""
+    total, trainable = 0, Counter()
+    for name, p in model.named_parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # 4-bit packs two per byte
+        total += n
+        if p.requires_grad:
+            trainable[category(name)] += n
+    return {"total": total, "trainable": sum(trainable.values()),
+            "trainable_by_category": {c: trainable.get(c, 0) for c in CATEGORIES}}
+
+
+def check_trainable(model, plan: TargetPlan) -> dict:
+    """After LoRA is applied: what is trained is what was asked, nothing else."""
+    counts = count_parameters(model)
+    by_cat = counts["trainable_by_category"]
+    if by_cat["router"] and not plan.router:
+        raise RuntimeError("the MoE router became trainable although train_router is off; "
+                           "a LoRA target name matched it (PEFT renames 'gate' to the router)")
+    if plan.parameters and not by_cat["experts"]:
+        raise RuntimeError("expert targets were requested but no expert parameter is trainable")
+    if by_cat["other"]:
+        names = [n for n, p in model.named_parameters() if p.requires_grad and category(n) == "other"][:5]
+        raise RuntimeError(f"unexpected trainable parameters: {names}")
+    return counts

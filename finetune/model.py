@@ -1,0 +1,137 @@
+"""Load the base model and put LoRA on it, with Unsloth or with plain transformers + PEFT.
+
+Unsloth patches transformers/TRL/PEFT process-wide when imported, so it is
+imported only when its backend is chosen; `auto` prefers it when it imports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig
+from finetune.lora import TargetPlan
+
+
+def resolve_model_path(name: str) -> str:
+    """The tiny names point at the locally built models; anything else is a hub id or a folder."""
+    if name in TINY_MODELS:
+        from data_tools.tiny_model import ensure_tiny_models
+
+        models = ensure_tiny_models()
+        return str(models.dense if name == "tiny-dense" else models.moe)
+    return name
+
+
+def choose_backend(requested: str) -> str:
+    if requested == "hf":
+        return "hf"
+    available = importlib.util.find_spec("unsloth") is not None
+    if requested == "unsloth" and not available:
+        raise ConfigError("backend 'unsloth' requested but unsloth is not installed "
+                          "(bash scripts/setup.sh installs it); or use --backend hf")
+    if requested == "auto" and available and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            and not _has_cuda():
+        # Unsloth's CPU fallback is single-process; torchrun on CPU uses PEFT.
+        return "hf"
+    return "unsloth" if available else "hf"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_dtype(cfg: FinetuneConfig):
+    import torch
+
+    return getattr(torch, cfg.dtype)
+
+
+def apply_chat_template_choice(tokenizer, cfg: FinetuneConfig) -> None:
+    if cfg.chat_template == "tokenizer_default":
+        if not tokenizer.chat_template:
+            raise ConfigError(f"{cfg.model_name} has no chat template of its own; set "
+                              "chat_template=qwen3_2507")
+        return
+    from data_tools.tiny_model import CHAT_TEMPLATE
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def load_tokenizer(cfg: FinetuneConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model_name),
+                                        trust_remote_code=cfg.trust_remote_code)
+    apply_chat_template_choice(tok, cfg)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: FinetuneConfig, backend: str):
+    """(model, tokenizer) with nothing trainable yet."""
+    path = resolve_model_path(cfg.model_name)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path, max_seq_length=cfg.max_length, dtype=torch_dtype(cfg),
+            load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation, random_state=cfg.seed,
+            use_gradient_checkpointing=False)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        apply_chat_template_choice(tokenizer, cfg)
+        return model, tokenizer
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation,
+              "trust_remote_code": cfg.trust_remote_code}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(cfg))
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, load_tokenizer(cfg)
+
+
+def add_lora(model, cfg: FinetuneConfig, backend: str, plan: TargetPlan):
+    lora_kwargs = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                       bias="none", **plan.peft_kwargs(cfg))
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model, random_state=cfg.seed,
+            use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
+            **lora_kwargs)
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+
+
+def load_adapter_weights(model, adapter_dir: Path) -> None:
+    """Continue an adapter saved by an earlier stage (same LoRA layout)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"{adapter_dir}: {len(unexpected)} adapter weights do not fit this model, "
+                           f"e.g. {unexpected[:3]}")

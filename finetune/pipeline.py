@@ -1,0 +1,231 @@
+"""The fine-tuning job, top to bottom: config -> data -> model + LoRA -> stages -> summary.
+
+`qwen_finetune.py` and `qwen_finetune_legacy.py` are thin command lines over
+`run`; the legacy one only differs by its frozen defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import sys
+import time
+from pathlib import Path
+
+from finetune import config as config_mod
+from finetune.config import FinetuneConfig
+from finetune.data import ensure_tiny_data, file_sha256, length_report, load_split, to_dataset
+from finetune.stages import (MARKER, Stage, is_complete, is_rank_zero, latest_checkpoint, losses,
+                             plan_stage_dirs, sft_config, stage_dir, stages_for, write_json)
+
+SUMMARY_METRICS = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
+                   "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
+             "unsloth", "unsloth_zoo", "deepspeed")
+
+
+class PhaseTimer:
+    """Wall time of each start-up phase, printed as it ends (where did the minutes go?)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        say(f"[time] {name}: {self.seconds[name]:.1f}s")
+
+
+def say(text: str) -> None:
+    if is_rank_zero():
+        print(text, flush=True)
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[lib] = importlib.metadata.version(lib)
+    return out
+
+
+def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> int:
+    timer = PhaseTimer()
+    files = config_mod.data_files(cfg)
+    say("resolved configuration:\n" + config_mod.describe(cfg))
+    if cfg.preset == "tiny" and is_rank_zero():
+        ensure_tiny_data(cfg, files)
+    _wait_for_rank_zero()
+    if dry_run:
+        from finetune.preflight import preflight
+
+        return preflight(cfg)
+
+    stages = stages_for(cfg)
+    plan_stage_dirs(cfg, stages, resume, overwrite)
+    _wait_for_rank_zero()
+    todo = [s for s in stages if not is_complete(stage_dir(cfg, s))]
+    if not todo:
+        say(f"every stage in {cfg.output_dir} is already complete; nothing to do "
+            "(pass --overwrite to train again)")
+        print_summary(cfg, [json.loads((stage_dir(cfg, s) / "run_summary.json").read_text()) for s in stages])
+        return 0
+
+    with timer("imports"):
+        from finetune.model import add_lora, choose_backend, load_adapter_weights, load_base
+
+        backend = choose_backend(cfg.backend)
+        if backend == "unsloth":
+            import unsloth  # noqa: F401  (patches transformers/TRL/PEFT: import before them)
+        import transformers
+        import trl  # noqa: F401
+
+        if backend == "hf":
+            from finetune import trl_cpu
+
+            if trl_cpu.install_if_needed():
+                say("no GPU: TRL's Triton loss kernel replaced by its torch equivalent (finetune/trl_cpu.py)")
+
+        import callbacks.generation_eval  # noqa: F401
+        from finetune.lora import check_trainable, plan_targets
+    transformers.set_seed(cfg.seed)
+    say(f"backend: {backend}")
+    with timer("model_load"):
+        model, tokenizer = load_base(cfg, backend)
+    with timer("lora"):
+        plan = plan_targets(model, cfg)
+        model = add_lora(model, cfg, backend, plan)
+        params = check_trainable(model, plan)
+    say(f"LoRA targets: modules {plan.modules}, parameters {plan.parameters}, router "
+        f"{'trained' if plan.router else 'frozen'}; trainable {params['trainable']:,} of "
+        f"{params['total']:,} ({params['trainable_by_category']})")
+
+    summaries, previous = [], None
+    for stage in stages:
+        out = stage_dir(cfg, stage)
+        if is_complete(out):
+            say(f"{stage.name}: already complete in {out}; skipping")
+            summaries.append(json.loads((out / "run_summary.json").read_text()))
+            previous = out
+            continue
+        if previous is not None:  # an earlier stage finished in another process
+            load_adapter_weights(model, previous / "adapter")
+            say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
+        summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, timer, resume))
+        previous = None  # the model in memory now carries this stage's adapter
+    print_summary(cfg, summaries)
+    return 0
+
+
+def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, timer, resume) -> dict:
+    from trl import SFTTrainer  # already imported (and patched by Unsloth) in run()
+
+    from callbacks.generation_eval import GenerationEvalCallback
+    from callbacks.watchdog import StallWatchdog
+
+    out = stage_dir(cfg, stage)
+    with timer(f"{stage.name}.data_load"):
+        train_records = load_split(stage.train_file, cfg.max_train_samples, cfg.seed)
+        eval_records = load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed) if cfg.eval_file else []
+        lengths = length_report(train_records, tokenizer, cfg.max_length)
+    if lengths["over_max_length"]:
+        say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
+            f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
+            f"token length percentiles: {lengths['tokens']}")
+    watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out)
+    trainer_callbacks = [watchdog] + [_import_object(path)() for path in cfg.extra_callbacks]
+    gen_eval = None
+    if cfg.gen_eval and eval_records:
+        gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
+                                          max_samples=cfg.gen_eval_max_samples, seed=cfg.seed, output_dir=out)
+        trainer_callbacks.append(gen_eval)
+    with timer(f"{stage.name}.tokenise_and_build_trainer"):
+        trainer = SFTTrainer(model=model, args=sft_config(cfg, stage, out), processing_class=tokenizer,
+                             train_dataset=to_dataset(train_records),
+                             eval_dataset=to_dataset(eval_records) if eval_records else None,
+                             callbacks=trainer_callbacks)
+    if gen_eval is not None:
+        gen_eval.trainer = trainer
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint:
+        say(f"{stage.name}: resuming from {checkpoint}")
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_s = time.perf_counter() - start
+    if watchdog.first_step_s is not None:
+        timer.seconds[f"{stage.name}.first_optimizer_step"] = round(watchdog.first_step_s, 2)
+        say(f"[time] {stage.name}.first_optimizer_step: {watchdog.first_step_s:.1f}s")
+    metrics = dict(result.metrics)
+    if eval_records:
+        metrics.update(trainer.evaluate())
+    if gen_eval is not None and gen_eval.history:
+        metrics.update({k: v for k, v in gen_eval.history[-1].items() if k != "step"})
+    summary = {
+        "stage": stage.name, "mode": cfg.mode, "backend": backend, "model": cfg.model_name,
+        "global_step": trainer.state.global_step, "train_seconds": round(train_s, 1),
+        "train_losses": losses(trainer.state.log_history), "metrics": metrics,
+        "phase_seconds": dict(timer.seconds), "trainable_parameters": params,
+        "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
+                         "router_trained": plan.router, "expert_rank": plan.expert_rank},
+        "data": {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
+                 "train_examples": len(train_records), "eval_file": cfg.eval_file,
+                 "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
+                 "eval_examples": len(eval_records), "token_lengths": lengths},
+        "world_size": config_mod.world_size(), "watchdog_dumps": watchdog.dumps,
+        "libraries": library_versions(), "python": sys.version.split()[0],
+    }
+    if trainer.is_world_process_zero():
+        import yaml
+
+        trainer.save_model(str(out / "adapter"))
+        tokenizer.save_pretrained(str(out / "adapter"))
+        (out / "config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False,
+                                                        allow_unicode=True), encoding="utf-8")
+        write_json(out / "run_summary.json", summary)
+        (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def print_summary(cfg: FinetuneConfig, summaries: list[dict]) -> None:
+    say("\n=== run summary ===")
+    for s in summaries:
+        m = s["metrics"]
+        first = s["train_losses"][0][1] if s["train_losses"] else float("nan")
+        last = s["train_losses"][-1][1] if s["train_losses"] else float("nan")
+        eval_loss = f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+        say(f"{s['stage']:>7}: {s['global_step']} steps in {s['train_seconds']:.0f}s, "
+            f"train loss {first:.4f} -> {last:.4f}{eval_loss}; backend {s['backend']}")
+        gen = {k: v for k, v in m.items() if k in SUMMARY_METRICS}
+        if gen:
+            say("         " + ", ".join(f"{k} {v:.3f}" for k, v in gen.items()))
+    if summaries:
+        say(f"adapter: {Path(cfg.output_dir) / summaries[-1]['stage'] / 'adapter'}")
+
+
+def _import_object(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise config_mod.ConfigError(f"extra_callbacks: cannot import '{dotted}': {e}") from None
+
+
+def _wait_for_rank_zero() -> None:
+    """Other ranks wait while rank 0 writes shared files (tiny data, cleared folders)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.barrier()

@@ -1,0 +1,106 @@
+"""`--dry-run`: what a run would train and need, without loading any weights.
+
+The model is built from its config on the meta device (no memory, seconds even
+for 30B), LoRA is applied with PEFT exactly as the hf backend would, and the
+data is tokenised with the model's own chat template.
+"""
+
+from __future__ import annotations
+
+import json
+
+from finetune import config as config_mod
+from finetune.config import FinetuneConfig
+from finetune.data import length_report, load_split
+from finetune.lora import CATEGORIES, count_parameters, plan_targets
+from finetune.stages import stages_for
+
+GIB = 1024 ** 3
+
+
+def meta_model(cfg: FinetuneConfig):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.model import resolve_model_path, torch_dtype
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name),
+                                              trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(cfg),
+                                                 trust_remote_code=cfg.trust_remote_code)
+    return model, model_config
+
+
+def estimate_memory_gib(cfg: FinetuneConfig, model_config, total: int, trainable: int) -> dict:
+    """A rough per-device estimate: weights + LoRA training state + activations."""
+    text = model_config.get_text_config()
+    world = config_mod.world_size()
+    weight_bytes = 0.56 if cfg.load_in_4bit else 2 if cfg.dtype != "float32" else 4  # NF4 + double-quant scales
+    weights = total * weight_bytes
+    # fp32 LoRA weights + grads + AdamW moments; ZeRO-2 shards grads and moments,
+    # and the shipped zero2.json offloads the optimizer to CPU.
+    zero2 = bool(cfg.deepspeed)
+    lora_state = trainable * (4 + (4 + 8) / (world if zero2 else 1))
+    seq, batch = cfg.max_length, cfg.micro_batch_size
+    hidden, layers = text.hidden_size, text.num_hidden_layers
+    if cfg.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
+        acts = batch * seq * hidden * 2 * layers + batch * seq * hidden * 2 * 20
+    else:
+        acts = batch * seq * hidden * 2 * 20 * layers
+    logits = batch * seq * text.vocab_size * 4 * 2  # fp32 logits and their gradient
+    overhead = 1.5 * GIB if not cfg.dtype == "float32" else 0.5 * GIB
+    parts = {"weights": weights, "lora_params_grads_optimizer": lora_state, "activations": acts,
+             "logits": logits, "runtime_overhead": overhead}
+    parts = {k: round(v / GIB, 2) for k, v in parts.items()}
+    parts["total"] = round(sum(parts.values()), 1)
+    return parts
+
+
+def preflight(cfg: FinetuneConfig) -> int:
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.model import load_tokenizer
+
+    model, model_config = meta_model(cfg)
+    base_counts = count_parameters(model)
+    plan = plan_targets(model, cfg)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, **plan.peft_kwargs(cfg))
+    peft_model = get_peft_model(model, lora, low_cpu_mem_usage=True)
+    counts = count_parameters(peft_model)
+    tokenizer = load_tokenizer(cfg)
+    data = {}
+    for stage in stages_for(cfg):
+        data[stage.name] = length_report(load_split(stage.train_file, cfg.max_train_samples, cfg.seed),
+                                         tokenizer, cfg.max_length)
+    memory = estimate_memory_gib(cfg, model_config, base_counts["total"], counts["trainable"])
+    report = {
+        "model": cfg.model_name, "model_class": type(model).__name__, "mode": cfg.mode,
+        "world_size": config_mod.world_size(), "quantization": "4-bit NF4" if cfg.load_in_4bit else cfg.dtype,
+        "base_parameters": base_counts["total"],
+        "lora_targets": {"modules": plan.modules, "parameters": plan.parameters,
+                         "matches": plan.matches, "router": "trained" if plan.router else "frozen",
+                         "expert_rank": plan.expert_rank if plan.parameters else None},
+        "trainable_parameters": counts["trainable"],
+        "trainable_by_category": counts["trainable_by_category"],
+        "data": data, "memory_estimate_gib_per_device": memory,
+    }
+    print("\n=== preflight (dry run: nothing was trained) ===")
+    print(f"model        {cfg.model_name} ({report['model_class']}), {base_counts['total']:,} parameters, "
+          f"{report['quantization']}")
+    print(f"mode         {cfg.mode}, world size {report['world_size']}")
+    for target, n in plan.matches.items():
+        print(f"target       {target:<28} matched {n}")
+    print(f"router       {report['lora_targets']['router']}")
+    share = counts["trainable"] / max(base_counts["total"], 1)
+    print(f"trainable    {counts['trainable']:,} ({share:.3%} of the base)")
+    for cat in CATEGORIES:
+        print(f"  {cat:<11} {counts['trainable_by_category'][cat]:,}")
+    for name, d in data.items():
+        print(f"data {name:<7} {d['examples']:,} examples; tokens {d['tokens']} "
+              f"(measured on {d['measured']:,}); over max_length {d['max_length']}: ~{d['over_max_length']:,}")
+    print("memory/dev   ~{total} GiB (rough: weights {weights}, LoRA state {lora_params_grads_optimizer}, "
+          "activations {activations}, logits {logits}, overhead {runtime_overhead})".format(**memory))
+    print(json.dumps(report, ensure_ascii=False))
+    return 0

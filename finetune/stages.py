@@ -1,0 +1,123 @@
+"""Stages of a run, their folders and markers, and one SFTTrainer run per stage.
+
+`single` is one stage; `two-stage` is stage1 (positives) then stage2 (the
+positive+negative mix), continuing the same adapter. Each stage writes
+`output_dir/<stage>/` (checkpoints, `adapter/`, `config.yaml`,
+`run_summary.json`) and, last, `COMPLETE`: a re-run skips complete stages
+and `--resume` continues an incomplete one from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import config as config_mod
+from finetune.config import ConfigError, FinetuneConfig
+
+MARKER = "COMPLETE"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    train_file: str
+    learning_rate: float
+    num_epochs: float
+
+
+def stages_for(cfg: FinetuneConfig) -> list[Stage]:
+    if cfg.mode == "single":
+        return [Stage("single", cfg.train_file, cfg.learning_rate, cfg.num_epochs)]
+    return [Stage("stage1", cfg.stage1_train_file, cfg.stage1_learning_rate, cfg.stage1_num_epochs),
+            Stage("stage2", cfg.stage2_train_file, cfg.stage2_learning_rate, cfg.stage2_num_epochs)]
+
+
+def stage_dir(cfg: FinetuneConfig, stage: Stage) -> Path:
+    return Path(cfg.output_dir) / stage.name
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    ckpts = [p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber work; clear it only when asked. Runs before any model loads."""
+    for stage in stages:
+        path = stage_dir(cfg, stage)
+        if overwrite:
+            if is_rank_zero() and path.exists():
+                shutil.rmtree(path)
+            continue
+        if is_complete(path) or not path.exists():
+            continue
+        if latest_checkpoint(path) and not resume:
+            raise ConfigError(f"{path} holds an unfinished run (latest: {latest_checkpoint(path).name}). "
+                              "Pass --resume to continue it, or --overwrite to start over")
+
+
+def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
+    import torch
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    has_eval = bool(cfg.eval_file)
+    return SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler == "cosine_with_min_lr" else {},
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        optim=cfg.optim,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=cfg.dtype == "bfloat16",
+        fp16=cfg.dtype == "float16",
+        use_cpu=not on_gpu,
+        ddp_backend="gloo" if not on_gpu and config_mod.world_size() > 1 else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        report_to=cfg.report_to or "none",
+        deepspeed=cfg.deepspeed or None,
+        save_only_model=False,  # resume needs the optimizer and scheduler state
+        disable_tqdm=False,
+    )
+
+
+def losses(log_history: list[dict]) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
