@@ -190,6 +190,7 @@ class GenerationEvalCallback(TrainerCallback):
                                     progress=rank == 0)
         finally:
             _for_training(model, was_training)
+        self._last_step = step  # on every rank: the ranks must agree on which evaluations run
         if world > 1:
             gathered = [None] * world if rank == 0 else None
             dist.gather_object(mine, gathered, dst=0)
@@ -203,7 +204,6 @@ class GenerationEvalCallback(TrainerCallback):
         if out_dir:
             write_results(out_dir, step, metrics, prediction_rows(self.records, answers, self.fields))
         self.history.append({"step": step, **metrics})
-        self._last_step = step
         return metrics
 
     def _run_and_log(self, args, state, model, processing_class):

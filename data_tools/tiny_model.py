@@ -68,6 +68,9 @@ class TinySpec:
     lr: float = 3e-3
     dense_steps: int = 300
     moe_steps: int = 120
+    copy_warmup_steps: int = 1200
+    copy_warmup_batch: int = 16
+    copy_warmup_lr: float = 1e-3
     seed: int = 0
 
 
@@ -196,6 +199,39 @@ def token_stream(tok, texts: list[str], chats: list[list[dict]], seed: int) -> t
     return [t for d in docs for t in d[0]], [t for d in docs for t in d[1]]
 
 
+def copy_warmup(model, tok, kanji: list[str], spec: TinySpec) -> float:
+    """Teach the model to copy before anything else: short, fresh chats whose
+    answer repeats the user's random kanji. Measured on this 2-layer model:
+    without a system prompt the copy loss falls from ~5.5 to <1 within ~1,000
+    steps (induction heads form); with the long constant system prompt, or
+    inside long packed blocks, it stayed at ~5.4 for 1,600 steps. Returns the
+    last loss."""
+    import torch
+    from tqdm import tqdm
+
+    rng = random.Random(spec.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.copy_warmup_lr)
+    model.train()
+    loss_value = float("nan")
+    for _ in tqdm(range(spec.copy_warmup_steps), desc="copy warm-up", unit="step", leave=False, disable=None):
+        rows = []
+        for _ in range(spec.copy_warmup_batch):
+            chars = "".join(rng.choice(kanji) for _ in range(rng.randint(4, 24)))
+            chat = [{"role": "user", "content": chars}, {"role": "assistant", "content": chars}]
+            prompt = tok.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+            full = tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+            rows.append((full, [-100] * len(prompt) + full[len(prompt):]))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in rows])
+        labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+    return loss_value
+
+
 def pretrain(model, stream: tuple[list[int], list[int]], spec: TinySpec, steps: int, label: str) -> float:
     """Causal-LM training on packed blocks; returns the last loss."""
     import torch
@@ -238,12 +274,23 @@ def _build(spec: TinySpec, out: Path) -> dict:
     tok_dir = out / "tokenizer"
     tok = train_tokenizer(texts, spec, tok_dir)
     stream = token_stream(tok, texts, chats, spec.seed)
+    kanji = sorted({c for t in texts for c in t if "\u4e00" <= c <= "\u9fff"})
     timings["corpus_and_tokenizer_s"] = round(time.perf_counter() - t0, 1)
+    copier = None
     for name, config_fn, steps in (("dense", _dense_config, spec.dense_steps),
                                    ("moe", _moe_config, spec.moe_steps)):
         t0 = time.perf_counter()
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config_fn(spec, tok), dtype=torch.float32)
+        if copier is None:
+            losses["copy_warmup"] = round(copy_warmup(model, tok, kanji, spec), 4)
+            copier = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            # The MoE shares the dense model's embeddings, attention and norms
+            # (same shapes): it inherits the copying heads instead of re-learning them.
+            own = model.state_dict()
+            model.load_state_dict({k: v for k, v in copier.items() if k in own and own[k].shape == v.shape},
+                                  strict=False)
         losses[name] = round(pretrain(model, stream, spec, steps, name), 4)
         model.generation_config = GenerationConfig(
             eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],

@@ -1,0 +1,212 @@
+"""qwen_finetune.py end to end on the tiny models (CPU): modes, backends, outputs,
+resume, stage skipping, the stall watchdog and the torchrun path.
+
+Each run is a few optimizer steps on a few dozen examples: enough to prove
+the behaviour, seconds to a minute each.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["max_train_samples=48", "max_steps=3", "eval_max_samples=8", "gen_eval_max_samples=4",
+         "gen_eval_batch_size=4", "micro_batch_size=4", "logging_steps=1", "eval_steps=100",
+         "save_steps=100"]
+
+
+def train(*args, cwd: Path, script: str = "qwen_finetune.py", env: dict | None = None,
+          launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(REPO / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary(out: Path, stage: str = "single") -> dict:
+    return json.loads((out / stage / "run_summary.json").read_text())
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_hf(tmp_path_factory):
+    """One small single-mode run (hf backend, dense), inspected by several tests."""
+    cwd = tmp_path_factory.mktemp("single_hf")
+    result = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *SMALL, cwd=cwd))
+    return cwd, result
+
+
+def test_single_mode_writes_adapter_summary_and_marker(single_hf):
+    cwd, result = single_hf
+    stage = cwd / "out" / "single"
+    assert (stage / "COMPLETE").is_file()
+    assert (stage / "adapter" / "adapter_model.safetensors").is_file()
+    assert (stage / "adapter" / "tokenizer_config.json").is_file()
+    s = summary(cwd / "out")
+    assert s["backend"] == "hf" and s["global_step"] == 3 and len(s["train_losses"]) == 3
+    for phase in ("imports", "model_load", "lora", "single.data_load", "single.tokenise_and_build_trainer",
+                  "single.first_optimizer_step"):
+        assert s["phase_seconds"][phase] >= 0, phase
+    assert s["data"]["train_examples"] == 48 and len(s["data"]["train_sha256"]) == 64
+    assert s["libraries"]["trl"] and s["trainable_parameters"]["trainable_by_category"]["attention"] > 0
+    assert "eval_loss" in s["metrics"] and "gen_json_parse_rate" in s["metrics"]
+    assert list(stage.glob("gen_metrics_step*.json")) and list(stage.glob("gen_predictions_step*.jsonl"))
+    # the resolved config is printed at start and saved with the run
+    assert "resolved configuration:" in result.stdout and "=== run summary ===" in result.stdout
+    assert "max_train_samples: 48" in (stage / "config.yaml").read_text()
+
+
+def test_rerun_skips_a_complete_run_and_overwrite_retrains(single_hf):
+    cwd, _ = single_hf
+    before = (cwd / "out" / "single" / "run_summary.json").stat().st_mtime
+    again = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *SMALL, cwd=cwd))
+    assert "already complete" in again.stdout
+    assert (cwd / "out" / "single" / "run_summary.json").stat().st_mtime == before
+
+
+def test_same_seed_gives_same_losses(single_hf, tmp_path):
+    cwd, _ = single_hf
+    again = ok(train("--mode", "single", "--backend", "hf", "output_dir=again", *SMALL, cwd=cwd))
+    assert again.returncode == 0
+    first, second = summary(cwd / "out")["train_losses"], summary(cwd / "again")["train_losses"]
+    assert first == second
+    other_seed = ok(train("--mode", "single", "--backend", "hf", "output_dir=seed2", "seed=7", *SMALL, cwd=cwd))
+    assert other_seed.returncode == 0
+    assert summary(cwd / "seed2")["train_losses"] != first
+
+
+def test_unsloth_backend_on_cpu(tmp_path):
+    ok(train("--mode", "single", "--backend", "unsloth", "output_dir=out", "gen_eval=false", *SMALL,
+             cwd=tmp_path))
+    s = summary(tmp_path / "out")
+    assert s["backend"] == "unsloth" and s["libraries"]["unsloth"]
+    assert s["train_losses"][-1][1] < s["train_losses"][0][1] + 1.0
+
+
+def _lora_tensors(adapter: Path, needle: str) -> dict:
+    return {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if needle in k}
+
+
+@pytest.mark.parametrize("train_router", [False, True])
+def test_moe_experts_carry_trained_lora_and_router_only_when_asked(tmp_path, train_router):
+    ok(train("--mode", "single", "--backend", "hf", "model_name=tiny-moe", "output_dir=out",
+             f"train_router={str(train_router).lower()}", "gen_eval=false", "learning_rate=1e-2",
+             *SMALL, cwd=tmp_path))
+    s = summary(tmp_path / "out")
+    cats = s["trainable_parameters"]["trainable_by_category"]
+    assert cats["experts"] > 0 and cats["attention"] > 0 and cats["dense_mlp"] == 0
+    assert s["lora_targets"]["parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    adapter = tmp_path / "out" / "single" / "adapter"
+    experts = _lora_tensors(adapter, "experts")
+    lora_b = [v for k, v in experts.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: these were trained
+    router = {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()
+              if ".mlp.gate." in k}
+    if not train_router:
+        assert cats["router"] == 0 and not router
+    else:
+        assert cats["router"] > 0 and router
+        from transformers import AutoModelForCausalLM
+
+        from data_tools.tiny_model import ensure_tiny_models
+
+        base = AutoModelForCausalLM.from_pretrained(ensure_tiny_models().moe)
+        base_router = base.model.layers[0].mlp.gate.weight
+        trained = next(v for k, v in router.items() if "layers.0." in k)
+        assert trained.shape == base_router.shape and not trained.float().allclose(base_router.float())
+
+
+def test_dry_run_reports_targets_per_category_without_training(tmp_path):
+    result = ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", "output_dir=out", cwd=tmp_path))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["model_class"] == "Qwen3MoeForCausalLM"
+    assert report["lora_targets"]["matches"]["mlp.experts.gate_up_proj"] == 2
+    assert report["trainable_by_category"]["experts"] > 0 and report["trainable_by_category"]["router"] == 0
+    assert report["data"]["single"]["tokens"]["p50"] > 0 and "over_max_length" in report["data"]["single"]
+    assert report["memory_estimate_gib_per_device"]["total"] > 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_that_matches_nothing_is_an_error(tmp_path):
+    result = train("--mode", "single", "model_name=tiny-moe", "--dry-run", "lora_target_modules=q_proj,gate_proj",
+                   cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "gate_proj match nothing" in result.stderr and "lora_target_parameters" in result.stderr
+
+
+def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
+    args = ("--mode", "two-stage", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL)
+    first = ok(train(*args, cwd=tmp_path))
+    s1, s2 = summary(tmp_path / "out", "stage1"), summary(tmp_path / "out", "stage2")
+    assert s1["global_step"] == 3 and s2["global_step"] == 3
+    assert s1["data"]["train_file"].endswith("hawks_train.json")
+    assert s2["data"]["train_file"].endswith("hawks_train_curriculum.json")
+    assert "stage1: 3 steps" in first.stdout and "stage2: 3 steps" in first.stdout
+    # stage 2 continues stage 1's adapter: its first loss is below stage 1's first loss
+    assert s2["train_losses"][0][1] < s1["train_losses"][0][1]
+    # drop stage 2 only: a re-run skips stage 1 and retrains stage 2 from stage 1's adapter
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "stage2")
+    again = ok(train(*args, cwd=tmp_path))
+    assert "stage1: already complete" in again.stdout and "continuing the adapter" in again.stdout
+    # (not bit-identical: TRL keeps a 4-bit model's LoRA weights in bf16, the saved adapter round-trips
+    # through a fresh fp32 PEFT model, and the run starts from a different process state)
+    rerun = summary(tmp_path / "out", "stage2")["train_losses"]
+    assert abs(rerun[0][1] - s2["train_losses"][0][1]) < 0.01 * s2["train_losses"][0][1]
+
+
+def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path):
+    args = ["--mode", "single", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL,
+            "max_steps=6", "save_steps=2", "extra_callbacks=slow_steps.SlowSteps"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+           "SLOW_FROM_STEP": "2", "SLOW_STEP_SECONDS": "30"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "qwen_finetune.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "out" / "single" / "checkpoint-2"
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "out" / "single" / "COMPLETE").exists()
+
+    refused = train(*args, cwd=tmp_path)
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+
+    resumed = ok(train(*args, "--resume", cwd=tmp_path, env={"SLOW_STEP_SECONDS": "0"}))
+    assert "resuming from" in resumed.stdout
+    s = summary(tmp_path / "out")
+    assert s["global_step"] == 6 and s["train_losses"][-1][0] == 6
+
+
+def test_watchdog_dumps_every_thread_stack_when_a_step_stalls(tmp_path):
+    result = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL,
+                      "watchdog_step_s=1", "extra_callbacks=slow_steps.SlowSteps", cwd=tmp_path,
+                      env={"SLOW_FROM_STEP": "1", "SLOW_STEP_SECONDS": "3"}))
+    log = (tmp_path / "out" / "single" / "watchdog-rank0.log").read_text()
+    assert "no optimizer step 2 finished within 1s" in log
+    assert 'File "' in log and "slow_steps.py" in log and "Thread" in log
+    assert "[watchdog rank 0]" in result.stderr
+    assert summary(tmp_path / "out")["global_step"] == 3  # it kept running
+
+
+def test_torchrun_two_processes(tmp_path):
+    result = ok(train("--mode", "single", "output_dir=out", "gen_eval_max_samples=4", *SMALL, cwd=tmp_path,
+                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                "--standalone"]))
+    s = summary(tmp_path / "out")
+    assert s["world_size"] == 2 and s["backend"] == "hf"  # Unsloth's CPU path is single-process
+    assert s["global_step"] == 3
+    assert result.stdout.count("=== run summary ===") == 1  # only rank 0 prints and writes

@@ -1,0 +1,121 @@
+"""Configuration resolution and the errors that must come before any model loads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.cli import split_overrides
+from finetune.config import ConfigError, parse_overrides, resolve
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def resolve_with(*items, mode="single", preset="tiny", config_file=None, flags=None, fixed=None):
+    return resolve(mode, preset, config_file, parse_overrides(list(items)), flags or {}, fixed)
+
+
+def test_layers_apply_in_order(tmp_path):
+    cfg = resolve_with()
+    assert cfg.model_name == "tiny-dense" and cfg.dtype == "float32" and not cfg.load_in_4bit
+    two = resolve_with(mode="two-stage")
+    assert two.load_in_4bit and two.dtype == "bfloat16"
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("learning_rate: 0.0005\nlora_r: 4\n")
+    cfg = resolve_with("lora_r=8", config_file=str(yaml_file))
+    assert cfg.learning_rate == 5e-4 and cfg.lora_r == 8  # command line beats the file
+    frozen = resolve_with(fixed={"lora_r": 16, "mode": "two-stage"}, mode=None)
+    assert frozen.mode == "two-stage" and frozen.lora_r == 16
+
+
+def test_production_preset_matches_the_seeds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's data files must exist to validate
+    for name in ("hawks_train.json", "hawks_train_curriculum.json", "hawks_val_mixed.json"):
+        (tmp_path / "data" / "train").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "train" / name).write_text("[]")
+    cfg = resolve("single", "qwen3-30b-a3b", None, {}, {}, None)
+    assert cfg.model_name == "unsloth/Qwen3-30B-A3B-Instruct-2507" and cfg.max_length == 1536
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim) == (1, 16, "adamw_torch")
+    assert (cfg.eval_steps, cfg.save_steps, cfg.save_total_limit) == (200, 200, 3)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.num_epochs) == (16, 32, 0.0, 1.5)
+    assert (cfg.lr_scheduler, cfg.min_lr_ratio, cfg.warmup_ratio) == ("cosine_with_min_lr", 0.05, 0.03)
+    assert cfg.gradient_checkpointing and cfg.weight_decay == 0 and cfg.max_grad_norm == 1.0
+    assert not cfg.load_in_4bit and not cfg.trust_remote_code
+    two = resolve("two-stage", "qwen3-30b-a3b", None, {}, {}, None)
+    assert two.load_in_4bit and (two.stage1_learning_rate, two.stage2_learning_rate) == (2e-4, 1e-4)
+
+
+@pytest.mark.parametrize("items, message", [
+    (["learning_rte=1e-4"], "unknown key 'learning_rte'; did you mean 'learning_rate'?"),
+    (["chat_template=qwen3_instruct"], "unknown chat_template 'qwen3_instruct'; valid names: tokenizer_default"),
+    (["lora_r=sixteen"], "'lora_r' must be int"),
+    (["train_file=nope/missing.json", "preset=tiny"], "train_file: file not found: nope/missing.json"),
+    (["lora_target_parameters=mlp.experts.down_proj", "lora_dropout=0.1"], "lora_dropout must be 0"),
+    (["dtype=float32", "load_in_4bit=true"], "load_in_4bit needs a 16-bit compute dtype"),
+    (["backend=vllm"], "'backend' is 'vllm'; valid values: auto, unsloth, hf"),
+    (["gradient_accumulation_steps=0"], "'gradient_accumulation_steps' must be at least 1"),
+])
+def test_configuration_errors(items, message):
+    with pytest.raises(ConfigError) as e:
+        resolve_with(*items)
+    assert message in str(e.value)
+
+
+def test_unknown_preset_and_mode_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="valid presets: tiny, qwen3-30b-a3b"):
+        resolve_with(preset="huge")
+
+
+def test_override_syntax():
+    assert split_overrides(["a=1", "--b", "2", "--c=3", "--flag", "--d", "x"]) == ["a=1", "b=2", "c=3", "flag=true", "d=x"]
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["oops"])
+
+
+def _deepspeed(tmp_path, **values):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **values}))
+    return str(path)
+
+
+def test_deepspeed_batch_sizes_must_agree_with_the_trainer(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ok = _deepspeed(tmp_path, train_batch_size=64, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=16)
+    cfg = resolve_with("micro_batch_size=1", "gradient_accumulation_steps=16", flags={"deepspeed": ok})
+    assert cfg.deepspeed == ok
+    # the seeds' error: 64 by hand vs 1 x 4 x 4 = 16 from the trainer
+    bad = _deepspeed(tmp_path, train_batch_size=64)
+    with pytest.raises(ConfigError) as e:
+        resolve_with("micro_batch_size=1", "gradient_accumulation_steps=4", flags={"deepspeed": bad})
+    assert "train_batch_size is 64" in str(e.value) and "gives 16" in str(e.value) and '"auto"' in str(e.value)
+
+
+def test_shipped_zero2_config_is_all_auto(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ds = json.loads((REPO / "deepspeed_configs" / "zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert all(ds[k] == "auto" for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                         "gradient_accumulation_steps"))
+    assert "scheduler" not in ds  # the trainer's cosine schedule applies
+    for micro, accum in ((1, 16), (2, 8)):
+        resolve_with(f"micro_batch_size={micro}", f"gradient_accumulation_steps={accum}",
+                     flags={"deepspeed": str(REPO / "deepspeed_configs" / "zero2.json")})
+
+
+def test_four_bit_with_deepspeed_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="4-bit QLoRA with DeepSpeed"):
+        resolve_with(mode="two-stage", flags={"deepspeed": _deepspeed(tmp_path)})
+
+
+@pytest.mark.parametrize("script", ["qwen_finetune.py", "qwen_finetune_legacy.py"])
+def test_cli_reports_config_errors_without_traceback(tmp_path, script):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / script), "--preset", "tiny", "lora_alpah=8"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "error: command line: unknown key 'lora_alpah'; did you mean 'lora_alpha'?" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "outputs").exists()
