@@ -65,3 +65,11 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        from callbacks.mlflow_logger import MLflowUnavailable
+
+        if not isinstance(e, MLflowUnavailable):
+            raise
+        print(f"error: {e}. Start the server, fix mlflow_tracking_uri, or set mlflow_require=false "
+              "to keep training and spool the logs", file=sys.stderr)
+        return 1

@@ -93,6 +93,13 @@ class FinetuneConfig:
     dataloader_num_workers: int = 0
     deepspeed: str = ""
     report_to: list = field(default_factory=list)
+    # MLflow (callbacks/mlflow_logger.py); tracking URI: this, else $MLFLOW_TRACKING_URI,
+    # else a local sqlite store in output_dir. require: fail instead of spooling offline.
+    mlflow: bool = False
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "qwen-finetune"
+    mlflow_run_name: str = ""
+    mlflow_require: bool = False
     # stalls: dump every thread's stack when no optimizer step completes in time
     watchdog_first_step_s: float = 600.0
     watchdog_step_s: float = 300.0
@@ -121,6 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dtype": "bfloat16", "max_length": 1536, "micro_batch_size": 1,
         "gradient_accumulation_steps": 16, "learning_rate": 2e-4, "num_epochs": 1.5,
         "eval_steps": 200, "save_steps": 200, "save_total_limit": 3, "eval_max_samples": 500,
+        "mlflow": True,
     },
 }
 
@@ -312,7 +320,11 @@ def check_deepspeed(cfg: FinetuneConfig) -> None:
 
 
 def to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The configuration as it may be printed, saved or logged: secrets redacted
+    (e.g. a password inside mlflow_tracking_uri)."""
+    from callbacks.redact import redact
+
+    return redact(dataclasses.asdict(cfg))
 
 
 def describe(cfg: FinetuneConfig) -> str:

@@ -74,6 +74,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         print_summary(cfg, [json.loads((stage_dir(cfg, s) / "run_summary.json").read_text()) for s in stages])
         return 0
 
+    if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
+        mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
     with timer("imports"):
         from finetune.model import add_lora, choose_backend, load_adapter_weights, load_base
 
@@ -103,6 +105,10 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         f"{'trained' if plan.router else 'frozen'}; trainable {params['trainable']:,} of "
         f"{params['total']:,} ({params['trainable_by_category']})")
 
+    parent = None
+    if cfg.mlflow and len(stages) > 1:  # two-stage: the stages are nested runs under one parent
+        parent = mlflow_logger(cfg, Path(cfg.output_dir), cfg.mlflow_run_name or Path(cfg.output_dir).name)
+        parent.start({"config": config_mod.to_dict(cfg), "backend": backend, "libraries": library_versions()})
     summaries, previous = [], None
     for stage in stages:
         out = stage_dir(cfg, stage)
@@ -114,13 +120,25 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         if previous is not None:  # an earlier stage finished in another process
             load_adapter_weights(model, previous / "adapter")
             say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
-        summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, timer, resume))
+        summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, timer, resume,
+                                     parent.run_id if parent else None))
         previous = None  # the model in memory now carries this stage's adapter
+    if parent is not None:
+        parent.end()
     print_summary(cfg, summaries)
     return 0
 
 
-def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, timer, resume) -> dict:
+def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | None = None):
+    from callbacks.mlflow_logger import MLflowLoggerCallback
+
+    return MLflowLoggerCallback(output_dir, tracking_uri=cfg.mlflow_tracking_uri or None,
+                                experiment=cfg.mlflow_experiment, run_name=run_name,
+                                parent_run_id=parent_run_id, require=cfg.mlflow_require)
+
+
+def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, timer, resume,
+                parent_run_id: str | None = None) -> dict:
     from trl import SFTTrainer  # already imported (and patched by Unsloth) in run()
 
     from callbacks.generation_eval import GenerationEvalCallback
@@ -142,6 +160,18 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
                                           max_samples=cfg.gen_eval_max_samples, seed=cfg.seed, output_dir=out)
         trainer_callbacks.append(gen_eval)
+    data_identity = {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
+                     "train_examples": len(train_records), "eval_file": cfg.eval_file,
+                     "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
+                     "eval_examples": len(eval_records), "token_lengths": lengths}
+    tracker = None
+    if cfg.mlflow:
+        run_name = stage.name if parent_run_id else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
+        tracker = mlflow_logger(cfg, out, run_name, parent_run_id)
+        tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
+                          "data": data_identity, "libraries": library_versions(),
+                          "trainable_parameters": params["trainable_by_category"]}
+        trainer_callbacks.append(tracker)
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
         trainer = SFTTrainer(model=model, args=sft_config(cfg, stage, out), processing_class=tokenizer,
                              train_dataset=to_dataset(train_records),
@@ -170,10 +200,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         "phase_seconds": dict(timer.seconds), "trainable_parameters": params,
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
-        "data": {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
-                 "train_examples": len(train_records), "eval_file": cfg.eval_file,
-                 "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
-                 "eval_examples": len(eval_records), "token_lengths": lengths},
+        "data": data_identity, "mlflow_run_id": tracker.run_id if tracker else None,
         "world_size": config_mod.world_size(), "watchdog_dumps": watchdog.dumps,
         "libraries": library_versions(), "python": sys.version.split()[0],
     }
@@ -185,6 +212,9 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         (out / "config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False,
                                                         allow_unicode=True), encoding="utf-8")
         write_json(out / "run_summary.json", summary)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items()}, trainer.state.global_step)
+            tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
         (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
     trainer.accelerator.wait_for_everyone()
     return summary

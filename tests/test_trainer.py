@@ -168,7 +168,7 @@ def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
 
 def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path):
     args = ["--mode", "single", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL,
-            "max_steps=6", "save_steps=2", "extra_callbacks=slow_steps.SlowSteps"]
+            "max_steps=6", "save_steps=2", "extra_callbacks=trainer_hooks.SlowSteps"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "SLOW_FROM_STEP": "2", "SLOW_STEP_SECONDS": "30"}
     proc = subprocess.Popen([sys.executable, str(REPO / "qwen_finetune.py"), *args], cwd=tmp_path, env=env,
@@ -193,11 +193,11 @@ def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path):
 
 def test_watchdog_dumps_every_thread_stack_when_a_step_stalls(tmp_path):
     result = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL,
-                      "watchdog_step_s=1", "extra_callbacks=slow_steps.SlowSteps", cwd=tmp_path,
+                      "watchdog_step_s=1", "extra_callbacks=trainer_hooks.SlowSteps", cwd=tmp_path,
                       env={"SLOW_FROM_STEP": "1", "SLOW_STEP_SECONDS": "3"}))
     log = (tmp_path / "out" / "single" / "watchdog-rank0.log").read_text()
     assert "no optimizer step 2 finished within 1s" in log
-    assert 'File "' in log and "slow_steps.py" in log and "Thread" in log
+    assert 'File "' in log and "trainer_hooks.py" in log and "Thread" in log
     assert "[watchdog rank 0]" in result.stderr
     assert summary(tmp_path / "out")["global_step"] == 3  # it kept running
 
