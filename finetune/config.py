@@ -17,7 +17,7 @@ from typing import Any
 
 MODES = ("single", "two-stage")
 BACKENDS = ("auto", "unsloth", "hf")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DTYPES = ("bfloat16", "float16", "float32")
 # The model's own template is what Axolotl's `chat_template: tokenizer_default`
 # uses, so both stacks format identically; the named ones are for base models
@@ -50,7 +50,7 @@ class FinetuneConfig:
     # precision / memory
     load_in_4bit: bool = False  # two-stage sets it (NF4, double quant)
     dtype: str = "bfloat16"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # flash_attention_2 when flash-attn imports on a GPU, else sdpa
     gradient_checkpointing: bool = True
     max_length: int = 1536
     # LoRA
@@ -238,7 +238,8 @@ def world_size() -> int:
 def data_files(cfg: FinetuneConfig) -> dict[str, str]:
     files = {"train_file": cfg.train_file} if cfg.mode == "single" else {
         "stage1_train_file": cfg.stage1_train_file, "stage2_train_file": cfg.stage2_train_file}
-    files["eval_file"] = cfg.eval_file
+    if cfg.eval_file:  # empty: no evaluation
+        files["eval_file"] = cfg.eval_file
     return files
 
 

@@ -44,6 +44,14 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def attention_implementation(cfg: FinetuneConfig) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if _has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def torch_dtype(cfg: FinetuneConfig):
     import torch
 
@@ -81,7 +89,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path, max_seq_length=cfg.max_length, dtype=torch_dtype(cfg),
             load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation, random_state=cfg.seed,
+            attn_implementation=attention_implementation(cfg), random_state=cfg.seed,
             use_gradient_checkpointing=False)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
@@ -90,7 +98,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation,
+    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": attention_implementation(cfg),
               "trust_remote_code": cfg.trust_remote_code}
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig

@@ -141,6 +141,8 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
                 parent_run_id: str | None = None) -> dict:
     from trl import SFTTrainer  # already imported (and patched by Unsloth) in run()
 
+    from finetune.model import attention_implementation
+
     from callbacks.generation_eval import GenerationEvalCallback
     from callbacks.watchdog import StallWatchdog
 
@@ -202,6 +204,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
         "data": data_identity, "mlflow_run_id": tracker.run_id if tracker else None,
         "world_size": config_mod.world_size(), "watchdog_dumps": watchdog.dumps,
+        "attn_implementation": attention_implementation(cfg),
         "libraries": library_versions(), "python": sys.version.split()[0],
     }
     if trainer.is_world_process_zero():

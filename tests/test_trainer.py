@@ -135,6 +135,12 @@ def test_dry_run_reports_targets_per_category_without_training(tmp_path):
     assert report["data"]["single"]["tokens"]["p50"] > 0 and "over_max_length" in report["data"]["single"]
     assert report["memory_estimate_gib_per_device"]["total"] > 0
     assert not (tmp_path / "out").exists()
+    # the expert rank defaults to lora_r and can be set lower (LoRA size is linear in the rank)
+    low = ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", "expert_lora_r=4", cwd=tmp_path))
+    low_report = json.loads(low.stdout.strip().splitlines()[-1])
+    assert report["lora_targets"]["expert_rank"] == 16 and low_report["lora_targets"]["expert_rank"] == 4
+    assert low_report["trainable_by_category"]["experts"] * 4 == report["trainable_by_category"]["experts"]
+    assert low_report["trainable_by_category"]["attention"] == report["trainable_by_category"]["attention"]
 
 
 def test_target_that_matches_nothing_is_an_error(tmp_path):
@@ -210,3 +216,30 @@ def test_torchrun_two_processes(tmp_path):
     assert s["world_size"] == 2 and s["backend"] == "hf"  # Unsloth's CPU path is single-process
     assert s["global_step"] == 3
     assert result.stdout.count("=== run summary ===") == 1  # only rank 0 prints and writes
+
+
+def test_loss_falls_on_the_answer_and_its_end_of_turn(tmp_path, monkeypatch):
+    """The trainer's rows (one prompt builder -> TRL prompt/completion) mask the prompt
+    and keep `<|im_end|>` in the loss, so the model learns to stop."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from data_tools.prompt import record_messages
+    from data_tools.synth import generate
+    from finetune.config import resolve
+    from finetune.data import to_dataset
+    from finetune.model import load_tokenizer, resolve_model_path
+    from finetune.stages import sft_config, stages_for
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve("single", "tiny", None, {"eval_file": ""}, {}, None)
+    tokenizer = load_tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model_name))
+    records = generate(0, "train", "positive", 2) + generate(0, "train", "negative", 1)
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, stages_for(cfg)[0], tmp_path / "o"),
+                         processing_class=tokenizer, train_dataset=to_dataset(records))
+    for record, row in zip(records, trainer.train_dataset, strict=True):
+        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        assert tokenizer.decode(trained) == record["output"] + "<|im_end|>\n"
+        full = tokenizer.apply_chat_template(record_messages(record), tokenize=True, return_dict=False)
+        assert row["input_ids"] == full  # the model's own template, nothing added

@@ -1,0 +1,87 @@
+"""Generation eval throughput: batched (left padding) vs one example at a time.
+
+    .venv/bin/python bench/generation_eval.py [--examples 64] [--batch-size 32] [--model tiny-dense]
+
+Both sides run `callbacks.generation_eval.generate_answers` on the same
+validation records with the same settings (greedy, the same max_new_tokens
+budget, stop at <|im_end|>), interleaved in one process so machine load hits
+both alike; the ratio of examples/s is the figure. The answers must agree
+(a check, not a timing). Appends the figures to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (batched, one-by-one)")
+    p.add_argument("--model", default="tiny-dense", help="tiny-dense, tiny-moe or a model folder")
+    p.add_argument("--adapter", default="outputs/tiny/single/adapter",
+                   help="LoRA adapter to merge first (default: the demo's; answers then stop like a "
+                        "trained model's do; '' for the bare base model)")
+    args = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from callbacks.generation_eval import answer_token_budget, generate_answers
+    from data_tools import prepare, synth
+    from finetune.model import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if args.adapter and Path(args.adapter).is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    else:
+        print("no adapter: measuring the bare base model, whose answers often run to the token limit")
+    model.eval()
+    half = args.examples // 2
+    records = prepare.validation_mix(synth.generate(0, "val", "positive", args.examples - half, held_out_names=True),
+                                     synth.generate(0, "val", "negative", half, held_out_names=True), 0.5, seed=1)
+    budget = answer_token_budget(records, tokenizer)
+    timings = {"batched": [], "one_by_one": []}
+    answers = {}
+    for _ in range(args.rounds):
+        for name, batch in (("batched", args.batch_size), ("one_by_one", 1)):
+            start = time.perf_counter()
+            answers[name] = generate_answers(model, tokenizer, records, batch_size=batch, max_new_tokens=budget)
+            timings[name].append(time.perf_counter() - start)
+    rate = {k: len(records) / statistics.median(v) for k, v in timings.items()}
+    ratio = rate["batched"] / rate["one_by_one"]
+    agree = sum(a["prediction"] == b["prediction"] for a, b in zip(answers["batched"], answers["one_by_one"]))
+    print(f"batched (batch {args.batch_size}): {rate['batched']:.1f} examples/s")
+    print(f"one at a time:        {rate['one_by_one']:.1f} examples/s")
+    print(f"speed-up: {ratio:.1f}x; identical answers: {agree}/{len(records)}; max_new_tokens {budget}")
+
+    section = (f"\n## generation eval — {datetime.date.today()} — {platform.machine()}, "
+               f"{torch.get_num_threads()} threads, {args.model}"
+               f"{' + ' + args.adapter if args.adapter and Path(args.adapter).is_dir() else ''}\n\n"
+               "| measure | value |\n|---|---|\n"
+               f"| examples | {len(records)} validation records (half negative), greedy, max_new_tokens {budget} |\n"
+               f"| batched, batch {args.batch_size} | {rate['batched']:.1f} examples/s |\n"
+               f"| one at a time | {rate['one_by_one']:.1f} examples/s |\n"
+               f"| speed-up (median of {args.rounds} interleaved rounds) | **{ratio:.1f}x** (target >= 8x) |\n"
+               f"| identical answers | {agree}/{len(records)} |\n")
+    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
