@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Sequence
 
-from callbacks.metrics import DEFAULT_FIELDS, compute_metrics, parse_prediction
+from callbacks.metrics import DEFAULT_FIELDS, compute_metrics, flatten, parse_prediction
 from data_tools.prompt import record_messages
+from data_tools.records import atomic_write_text, gold_offenders, seeded_subset, write_rows
 
 ANSWER_MARGIN_TOKENS = 16
-
-
-def sample_records(records: list[dict], limit: int, seed: int) -> list[dict]:
-    """A fixed-seed subset (original order kept); all when limit <= 0."""
-    if limit <= 0 or limit >= len(records):
-        return list(records)
-    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in keep]
 
 
 def answer_token_budget(records: Sequence[dict], tokenizer) -> int:
@@ -84,8 +76,6 @@ def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: i
 
 def score(records: Sequence[dict], answers: Sequence[dict], fields: Sequence[str] = DEFAULT_FIELDS) -> dict:
     """All gen_* metrics, overall and per source (positive/negative) where records carry one."""
-    from data_tools.records import gold_offenders
-
     gold = [gold_offenders(r) for r in records]
     preds = [a["prediction"] for a in answers]
     metrics = compute_metrics(gold, preds, fields)
@@ -101,9 +91,6 @@ def score(records: Sequence[dict], answers: Sequence[dict], fields: Sequence[str
 
 
 def prediction_rows(records: Sequence[dict], answers: Sequence[dict], fields: Sequence[str]) -> list[dict]:
-    from callbacks.metrics import flatten
-    from data_tools.records import gold_offenders
-
     rows = []
     for r, a in zip(records, answers):
         pred = parse_prediction(a["prediction"])
@@ -121,13 +108,8 @@ def prediction_rows(records: Sequence[dict], answers: Sequence[dict], fields: Se
 def write_results(out_dir: str | os.PathLike, step: int, metrics: dict, rows: list[dict]) -> None:
     """gen_metrics_step{N}.json and gen_predictions_step{N}.jsonl, each written atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in ((f"gen_metrics_step{step}.json", json.dumps(metrics, indent=2, ensure_ascii=False)),
-                       (f"gen_predictions_step{step}.jsonl",
-                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    atomic_write_text(out / f"gen_metrics_step{step}.json", [json.dumps(metrics, indent=2, ensure_ascii=False)])
+    write_rows(out / f"gen_predictions_step{step}.jsonl", rows)
 
 
 def evaluate_records(model, tokenizer, records: Sequence[dict], *, batch_size: int = 32,
@@ -165,13 +147,14 @@ class GenerationEvalCallback(TrainerCallback):
     def __init__(self, records: Sequence[dict], tokenizer=None, *, batch_size: int = 32,
                  max_samples: int = 0, seed: int = 0, fields: Sequence[str] = DEFAULT_FIELDS,
                  output_dir: str | None = None, max_new_tokens: int | None = None):
-        self.records = sample_records(list(records), max_samples, seed)
+        self.records = seeded_subset(list(records), max_samples, seed)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.fields = tuple(fields)
         self.output_dir = output_dir
         self.max_new_tokens = max_new_tokens
         self.history: list[dict] = []
+        self._budget = max_new_tokens
         self._last_step = None
         self.trainer = None  # set by the owner so metrics reach every logger via trainer.log
 
@@ -181,12 +164,13 @@ class GenerationEvalCallback(TrainerCallback):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         tokenizer = self.tokenizer or tokenizer
-        budget = self.max_new_tokens or answer_token_budget(self.records, tokenizer)
+        if self._budget is None:
+            self._budget = answer_token_budget(self.records, tokenizer)
         was_training = model.training
         _for_inference(model)
         try:
             mine = generate_answers(model, tokenizer, _shard(self.records, rank, world),
-                                    batch_size=self.batch_size, max_new_tokens=budget,
+                                    batch_size=self.batch_size, max_new_tokens=self._budget,
                                     progress=rank == 0)
         finally:
             _for_training(model, was_training)
@@ -209,7 +193,7 @@ class GenerationEvalCallback(TrainerCallback):
     def _run_and_log(self, args, state, model, processing_class):
         metrics = self.run(model, processing_class, state.global_step, args)
         if metrics is not None and self.trainer is not None:
-            self.trainer.log({k: v for k, v in metrics.items()})
+            self.trainer.log(dict(metrics))
         elif metrics is not None:
             state.log_history.append({"step": state.global_step, **metrics})
 

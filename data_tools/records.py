@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,14 @@ def gold_offenders(record: dict) -> list[dict]:
 
 def is_positive(record: dict) -> bool:
     return bool(gold_offenders(record))
+
+
+def seeded_subset(records: list[dict], limit: int, seed: int) -> list[dict]:
+    """A fixed-seed random subset of `limit` records, original order kept; all when limit <= 0."""
+    if limit <= 0 or limit >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
 
 
 def dump_json(value: Any) -> str:

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from data_tools.prompt import record_prompt_completion
-from data_tools.records import load_records
+from data_tools.records import load_records, seeded_subset
 from data_tools.stats import percentiles, token_lengths
 
 # The embedded tiny data set: small enough for minutes on 2 CPU cores.
@@ -32,10 +32,9 @@ def ensure_tiny_data(cfg, files: dict[str, str]) -> None:
     negatives = synth.generate(0, "train", "negative", n["negatives"])
     val_pos = synth.generate(0, "val", "positive", n["val_positives"], held_out_names=True)
     val_neg = synth.generate(0, "val", "negative", n["val_negatives"], held_out_names=True)
+    mix = prepare.merge(positives, negatives, 1, len(negatives), seed=42)
     out = {
-        "stage1_train_file": positives,
-        "train_file": prepare.merge(positives, negatives, 1, len(negatives), seed=42),
-        "stage2_train_file": prepare.merge(positives, negatives, 1, len(negatives), seed=42),
+        "stage1_train_file": positives, "train_file": mix, "stage2_train_file": mix,
         "eval_file": prepare.validation_mix(val_pos, val_neg, 0.5, seed=42),
     }
     for key, path in files.items():
@@ -54,10 +53,7 @@ def file_sha256(path: str) -> str:
 
 def load_split(path: str, limit: int, seed: int) -> list[dict]:
     """Records of one file; `limit` > 0 keeps a seeded random subset (order kept)."""
-    records = load_records(path)
-    if 0 < limit < len(records):
-        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
-        records = [records[i] for i in keep]
+    records = seeded_subset(load_records(path), limit, seed)
     return records
 
 

@@ -53,9 +53,10 @@ class TargetPlan:
 def _module_matches(model, name: str) -> int:
     import torch
 
+    # nn.Linear, and quantized linears (bitsandbytes Linear4bit etc.) that may not subclass it
     return sum(1 for full, mod in model.named_modules()
-               if (full == name or full.endswith("." + name)) and isinstance(mod, torch.nn.Linear)
-               or (full == name or full.endswith("." + name)) and type(mod).__name__.startswith("Linear"))
+               if (full == name or full.endswith("." + name))
+               and (isinstance(mod, torch.nn.Linear) or type(mod).__name__.startswith("Linear")))
 
 
 def _parameter_matches(model, name: str) -> int:

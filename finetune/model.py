@@ -10,7 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig
+from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig, world_size
 from finetune.lora import TargetPlan
 
 
@@ -31,8 +31,7 @@ def choose_backend(requested: str) -> str:
     if requested == "unsloth" and not available:
         raise ConfigError("backend 'unsloth' requested but unsloth is not installed "
                           "(bash scripts/setup.sh installs it); or use --backend hf")
-    if requested == "auto" and available and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-            and not _has_cuda():
+    if requested == "auto" and available and world_size() > 1 and not _has_cuda():
         # Unsloth's CPU fallback is single-process; torchrun on CPU uses PEFT.
         return "hf"
     return "unsloth" if available else "hf"

@@ -166,12 +166,13 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
                      "train_examples": len(train_records), "eval_file": cfg.eval_file,
                      "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
                      "eval_examples": len(eval_records), "token_lengths": lengths}
+    libraries = library_versions()
     tracker = None
     if cfg.mlflow:
         run_name = stage.name if parent_run_id else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
         tracker = mlflow_logger(cfg, out, run_name, parent_run_id)
         tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
-                          "data": data_identity, "libraries": library_versions(),
+                          "data": data_identity, "libraries": libraries,
                           "trainable_parameters": params["trainable_by_category"]}
         trainer_callbacks.append(tracker)
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
@@ -192,7 +193,10 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         say(f"[time] {stage.name}.first_optimizer_step: {watchdog.first_step_s:.1f}s")
     metrics = dict(result.metrics)
     if eval_records:
-        metrics.update(trainer.evaluate())
+        # The scheduled evaluation may already have run at the last step (eval_steps divides it):
+        # on a 30B model a second pass costs minutes.
+        last = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+        metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate())
     if gen_eval is not None and gen_eval.history:
         metrics.update({k: v for k, v in gen_eval.history[-1].items() if k != "step"})
     summary = {
@@ -205,7 +209,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         "data": data_identity, "mlflow_run_id": tracker.run_id if tracker else None,
         "world_size": config_mod.world_size(), "watchdog_dumps": watchdog.dumps,
         "attn_implementation": attention_implementation(cfg),
-        "libraries": library_versions(), "python": sys.version.split()[0],
+        "libraries": libraries, "python": sys.version.split()[0],
     }
     if trainer.is_world_process_zero():
         import yaml
@@ -216,7 +220,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
                                                         allow_unicode=True), encoding="utf-8")
         write_json(out / "run_summary.json", summary)
         if tracker is not None:
-            tracker.log_metrics({k: v for k, v in metrics.items()}, trainer.state.global_step)
+            tracker.log_metrics(metrics, trainer.state.global_step)
             tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
         (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
     trainer.accelerator.wait_for_everyone()
@@ -251,9 +255,7 @@ def _import_object(dotted: str):
 
 def _wait_for_rank_zero() -> None:
     """Other ranks wait while rank 0 writes shared files (tiny data, cleared folders)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if config_mod.world_size() <= 1:
         return
     import torch.distributed as dist
 

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.records import atomic_write_text
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
 
@@ -118,6 +119,4 @@ def losses(log_history: list[dict]) -> list[tuple[int, float]]:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, [json.dumps(value, indent=2, ensure_ascii=False, default=str)])
