@@ -146,13 +146,16 @@ class GenerationEvalCallback(TrainerCallback):
 
     def __init__(self, records: Sequence[dict], tokenizer=None, *, batch_size: int = 32,
                  max_samples: int = 0, seed: int = 0, fields: Sequence[str] = DEFAULT_FIELDS,
-                 output_dir: str | None = None, max_new_tokens: int | None = None):
+                 output_dir: str | None = None, max_new_tokens: int | None = None,
+                 at_step_zero: bool = True):
         self.records = seeded_subset(list(records), max_samples, seed)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.fields = tuple(fields)
         self.output_dir = output_dir
         self.max_new_tokens = max_new_tokens
+        # An evaluation before training (Axolotl always asks for one) only measures the base model.
+        self.at_step_zero = at_step_zero
         self.history: list[dict] = []
         self._budget = max_new_tokens
         self._last_step = None
@@ -198,6 +201,8 @@ class GenerationEvalCallback(TrainerCallback):
             state.log_history.append({"step": state.global_step, **metrics})
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.global_step == 0 and not self.at_step_zero:
+            return
         if self._last_step != state.global_step:
             self._run_and_log(args, state, model, processing_class)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ except ImportError:  # pragma: no cover
     TrainerCallback = object
 
 SPOOL_NAME = "mlflow_spool.jsonl"
+_NOT_IN_METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. :/]")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value (8000 on recent servers)
 
 
@@ -49,6 +51,12 @@ def flatten_params(values: dict, prefix: str = "") -> dict[str, str]:
             text = json.dumps(value, ensure_ascii=False) if isinstance(value, (list, tuple)) else str(value)
             out[name] = text[:MAX_PARAM_LENGTH]
     return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow rejects names outside [alphanumerics _ - . space : /], e.g. Axolotl's
+    "memory/max_active (GiB)"; one bad name would fail the whole batch."""
+    return _NOT_IN_METRIC_NAME.sub("_", name)
 
 
 def _is_rank_zero() -> bool:
@@ -102,7 +110,8 @@ class MLflowLoggerCallback(TrainerCallback):
                                             f"require=True: {type(e).__name__}: {redact_text(str(e))[:300]}") from None
                 self.offline = True
                 print(f"warning: MLflow at {redact_text(self.tracking_uri)} is unreachable "
-                      f"({type(e).__name__}); training goes on, logging is kept in {self.spool_path}",
+                      f"({type(e).__name__}: {redact_text(str(e))[:300]}); training goes on, "
+                      f"logging is kept in {self.spool_path}",
                       file=sys.stderr, flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.spool_path, "a", encoding="utf-8") as f:
@@ -151,7 +160,7 @@ class MLflowLoggerCallback(TrainerCallback):
         self._send("params", {"params": flat}, send)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        numeric = {k: float(v) for k, v in metrics.items()
+        numeric = {metric_name(k): float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if not numeric or not _is_rank_zero():
             return
@@ -160,7 +169,6 @@ class MLflowLoggerCallback(TrainerCallback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        # MLflow metric names allow / but not spaces or some symbols; ours are already safe.
         self._send("metrics", {"step": step, "metrics": numeric}, lambda: self._mlflow_client().log_batch(
             self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()]))
 

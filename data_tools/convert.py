@@ -91,6 +91,11 @@ def convert_rows(rows, in_fmt: str, out_fmt: str, fields) -> list[dict]:
     return out
 
 
+def load_any_records(path, fields) -> list[dict]:
+    """Records (with id/source) from a file in any input format, e.g. a `messages` export."""
+    return convert_rows(read_rows(path), "auto", "records", fields)
+
+
 def add_arguments(p) -> None:
     p.add_argument("input")
     p.add_argument("output", help="output file: .jsonl or .json (array)")

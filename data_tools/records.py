@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import hashlib
 import json
 import os
 import random
@@ -289,6 +290,14 @@ def gold_offenders(record: dict) -> list[dict]:
 
 def is_positive(record: dict) -> bool:
     return bool(gold_offenders(record))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def seeded_subset(records: list[dict], limit: int, seed: int) -> list[dict]:

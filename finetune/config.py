@@ -292,32 +292,41 @@ def validate(cfg: FinetuneConfig) -> None:
 
 
 def check_deepspeed(cfg: FinetuneConfig) -> None:
+    problems = deepspeed_problems(cfg.deepspeed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                                  world_size())
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def deepspeed_problems(path: str, micro_batch_size: int, gradient_accumulation_steps: int,
+                       world: int) -> list[str]:
     """A hand-written batch size must agree with the trainer's arithmetic (the
-    seeds' ZeRO error); "auto" always does."""
-    path = Path(cfg.deepspeed)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed: file not found: {cfg.deepspeed}")
+    seeds' ZeRO error), and a fixed learning rate would override the schedule;
+    "auto" always agrees. Shared by our trainer and the Axolotl config check."""
+    if not Path(path).is_file():
+        return [f"deepspeed: file not found: {path}"]
     try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg.deepspeed}: not valid JSON: line {e.lineno}: {e.msg}") from None
-    world = world_size()
+        return [f"{path}: not valid JSON: line {e.lineno}: {e.msg}"]
     expected = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world,
     }
+    problems = []
     for key, want in expected.items():
         got = ds.get(key, "auto")
         if got != "auto" and got != want:
-            raise ConfigError(
-                f"{cfg.deepspeed}: {key} is {got}, but micro_batch_size {cfg.micro_batch_size} x "
-                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x world size {world} "
+            problems.append(
+                f"{path}: {key} is {got}, but micro_batch_size {micro_batch_size} x "
+                f"gradient_accumulation_steps {gradient_accumulation_steps} x world size {world} "
                 f"gives {want}. Set it to \"auto\" (recommended) or to {want}")
     opt = ds.get("optimizer", {}).get("params", {})
     if isinstance(opt.get("lr"), (int, float)):
-        raise ConfigError(f"{cfg.deepspeed}: optimizer.params.lr is fixed at {opt['lr']}; set it to "
-                          "\"auto\" so the trainer's learning rate and schedule apply")
+        problems.append(f"{path}: optimizer.params.lr is fixed at {opt['lr']}; set it to "
+                        "\"auto\" so the trainer's learning rate and schedule apply")
+    return problems
 
 
 def to_dict(cfg: FinetuneConfig) -> dict[str, Any]:

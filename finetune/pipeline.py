@@ -7,24 +7,22 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import sys
 import time
 from pathlib import Path
 
+from callbacks.runinfo import library_versions
+from data_tools.records import file_sha256
+from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
-from finetune.data import ensure_tiny_data, file_sha256, length_report, load_split, to_dataset
+from finetune.data import length_report, load_split
 from finetune.stages import (MARKER, Stage, is_complete, is_rank_zero, latest_checkpoint, losses,
-                             plan_stage_dirs, sft_config, stage_dir, stages_for, write_json)
+                             plan_stage_dirs, sft_trainer, stage_dir, stages_for, write_json)
 
 SUMMARY_METRICS = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
                    "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate")
-LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
-             "unsloth", "unsloth_zoo", "deepspeed")
-
-
 class PhaseTimer:
     """Wall time of each start-up phase, printed as it ends (where did the minutes go?)."""
 
@@ -44,20 +42,12 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
-def library_versions() -> dict[str, str]:
-    out = {}
-    for lib in LIBRARIES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[lib] = importlib.metadata.version(lib)
-    return out
-
-
 def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> int:
     timer = PhaseTimer()
     files = config_mod.data_files(cfg)
     say("resolved configuration:\n" + config_mod.describe(cfg))
     if cfg.preset == "tiny" and is_rank_zero():
-        ensure_tiny_data(cfg, files)
+        ensure_tiny_data(files)
     _wait_for_rank_zero()
     if dry_run:
         from finetune.preflight import preflight
@@ -139,8 +129,6 @@ def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | Non
 
 def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, timer, resume,
                 parent_run_id: str | None = None) -> dict:
-    from trl import SFTTrainer  # already imported (and patched by Unsloth) in run()
-
     from finetune.model import attention_implementation
 
     from callbacks.generation_eval import GenerationEvalCallback
@@ -176,10 +164,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
                           "trainable_parameters": params["trainable_by_category"]}
         trainer_callbacks.append(tracker)
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
-        trainer = SFTTrainer(model=model, args=sft_config(cfg, stage, out), processing_class=tokenizer,
-                             train_dataset=to_dataset(train_records),
-                             eval_dataset=to_dataset(eval_records) if eval_records else None,
-                             callbacks=trainer_callbacks)
+        trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks)
     if gen_eval is not None:
         gen_eval.trainer = trainer
     checkpoint = latest_checkpoint(out) if resume else None

@@ -114,6 +114,33 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
     )
 
 
+def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, train_records: list[dict],
+                eval_records: list[dict], callbacks: list = ()):
+    """TRL's SFTTrainer over the one prompt builder's rows, with the loss ending at <|im_end|>.
+
+    The template closes a turn with "<|im_end|>" and a newline; TRL's completion mask covers the newline too,
+    Axolotl's chat_template (train_on_eos: turn) does not, and inference never generates it (it stops
+    at <|im_end|>). Dropping it from the loss makes both stacks train identical tokens."""
+    import dataclasses
+
+    from trl import SFTTrainer  # imported (and patched by Unsloth, on that backend) by the caller first
+
+    from finetune.data import end_loss_at_end_of_turn, to_dataset
+
+    args = sft_config(cfg, stage, out)
+    if not eval_records:
+        args = dataclasses.replace(args, eval_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=to_dataset(train_records),
+                         eval_dataset=to_dataset(eval_records) if eval_records else None,
+                         callbacks=list(callbacks))
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trainer.train_dataset = end_loss_at_end_of_turn(trainer.train_dataset, end_id)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = end_loss_at_end_of_turn(trainer.eval_dataset, end_id)
+    return trainer
+
+
 def losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in log_history if "loss" in e]
 

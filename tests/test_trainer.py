@@ -220,26 +220,24 @@ def test_torchrun_two_processes(tmp_path):
 
 def test_loss_falls_on_the_answer_and_its_end_of_turn(tmp_path, monkeypatch):
     """The trainer's rows (one prompt builder -> TRL prompt/completion) mask the prompt
-    and keep `<|im_end|>` in the loss, so the model learns to stop."""
+    and keep `<|im_end|>` in the loss, so the model learns to stop; the template's
+    newline after it is not trained (Axolotl does not train it either)."""
     from transformers import AutoModelForCausalLM
-    from trl import SFTTrainer
 
     from data_tools.prompt import record_messages
     from data_tools.synth import generate
     from finetune.config import resolve
-    from finetune.data import to_dataset
     from finetune.model import load_tokenizer, resolve_model_path
-    from finetune.stages import sft_config, stages_for
+    from finetune.stages import sft_trainer, stages_for
 
     monkeypatch.chdir(tmp_path)
     cfg = resolve("single", "tiny", None, {"eval_file": ""}, {}, None)
     tokenizer = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model_name))
     records = generate(0, "train", "positive", 2) + generate(0, "train", "negative", 1)
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, stages_for(cfg)[0], tmp_path / "o"),
-                         processing_class=tokenizer, train_dataset=to_dataset(records))
+    trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / "o", model, tokenizer, records, [])
     for record, row in zip(records, trainer.train_dataset, strict=True):
         trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
-        assert tokenizer.decode(trained) == record["output"] + "<|im_end|>\n"
+        assert tokenizer.decode(trained) == record["output"] + "<|im_end|>"
         full = tokenizer.apply_chat_template(record_messages(record), tokenize=True, return_dict=False)
         assert row["input_ids"] == full  # the model's own template, nothing added

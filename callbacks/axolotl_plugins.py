@@ -1,0 +1,117 @@
+"""Axolotl plugins that attach the shared callbacks to Axolotl's trainer.
+
+    plugins:
+      - callbacks.axolotl_plugins.GenerationEvalPlugin
+      - callbacks.axolotl_plugins.MLflowLoggerPlugin
+
+Only the hooks they need: `get_input_args` (the YAML keys below, so Axolotl
+validates them instead of dropping them), `add_callbacks_post_trainer` (the
+callbacks need the trainer) and, for MLflow, `post_train` (close the run
+after the last log). Imports in Axolotl's environment: transformers, pydantic
+and this repository's callbacks/ and data_tools/ only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+from pydantic import BaseModel
+
+from callbacks.generation_eval import GenerationEvalCallback
+from callbacks.metrics import DEFAULT_FIELDS
+from callbacks.mlflow_logger import MLflowLoggerCallback
+from callbacks.redact import redact
+from callbacks.runinfo import library_versions
+from data_tools.convert import load_any_records
+from data_tools.records import file_sha256
+
+
+class GenerationEvalArgs(BaseModel):
+    gen_eval_file: str | None = None  # default: the first test_datasets path
+    gen_eval_max_samples: int = 0  # 0 = every record
+    gen_eval_batch_size: int = 32
+    gen_eval_max_new_tokens: int | None = None  # default: longest gold answer + margin
+    # Axolotl evaluates before the first step whenever eval_steps is set; generating
+    # then only scores the base model and delays the first step, so it is opt-in.
+    gen_eval_on_start: bool = False
+
+
+class MLflowLoggerArgs(BaseModel):
+    # Not Axolotl's own mlflow_* keys: those also switch on transformers' MLflowCallback.
+    mlflow_logger_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in output_dir
+    mlflow_logger_experiment: str = "qwen-finetune"
+    mlflow_logger_run_name: str | None = None
+    mlflow_logger_require: bool = False
+
+
+def _eval_file(cfg) -> str:
+    if cfg.gen_eval_file:
+        return cfg.gen_eval_file
+    tests = cfg.test_datasets or []
+    if not tests:
+        raise ValueError("GenerationEvalPlugin needs gen_eval_file or test_datasets in the config")
+    return tests[0]["path"]
+
+
+class GenerationEvalPlugin(BasePlugin):
+    def get_input_args(self) -> str:
+        return f"{__name__}.GenerationEvalArgs"
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        records = load_any_records(_eval_file(cfg), DEFAULT_FIELDS)
+        callback = GenerationEvalCallback(records, tokenizer=trainer.processing_class,
+                                          batch_size=cfg.gen_eval_batch_size,
+                                          max_samples=cfg.gen_eval_max_samples, seed=cfg.seed or 0,
+                                          output_dir=cfg.output_dir, max_new_tokens=cfg.gen_eval_max_new_tokens,
+                                          at_step_zero=cfg.gen_eval_on_start)
+        callback.trainer = trainer  # gen_* go through trainer.log, so every logger sees them
+        return [callback]
+
+
+def _data_identity(cfg) -> dict:
+    out = {}
+    for section in ("datasets", "test_datasets"):
+        for i, ds in enumerate(cfg.get(section) or []):
+            path = ds.get("path")
+            if path and Path(path).is_file():
+                with open(path, "rb") as f:
+                    lines = sum(1 for line in f if line.strip())
+                out[f"{section}_{i}"] = {"path": path, "sha256": file_sha256(path), "rows": lines}
+    return out
+
+
+class MLflowLoggerPlugin(BasePlugin):
+    def __init__(self):
+        super().__init__()
+        self.callback: MLflowLoggerCallback | None = None
+        self.trainer = None
+
+    def get_input_args(self) -> str:
+        return f"{__name__}.MLflowLoggerArgs"
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        config = {k: v for k, v in dict(cfg).items() if v is not None and k not in ("capabilities",
+                                                                                   "env_capabilities")}
+        self.callback = MLflowLoggerCallback(
+            cfg.output_dir, tracking_uri=cfg.mlflow_logger_tracking_uri, experiment=cfg.mlflow_logger_experiment,
+            run_name=cfg.mlflow_logger_run_name or Path(cfg.output_dir).name, require=cfg.mlflow_logger_require,
+            params={"config": json.loads(json.dumps(config, default=str)), "backend": "axolotl",
+                    "data": _data_identity(cfg), "libraries": library_versions()})
+        self.trainer = trainer
+        return [self.callback]
+
+    def post_train(self, cfg, model):
+        if self.callback is None or not self.trainer.is_world_process_zero():
+            return
+        out = Path(cfg.output_dir)
+        state = self.trainer.state
+        summary = {"backend": "axolotl", "global_step": state.global_step,
+                   "log_history": state.log_history}
+        (out / "run_summary.json").write_text(json.dumps(redact(summary), indent=2, default=str), encoding="utf-8")
+        config_copy = out / "axolotl_config.json"  # the resolved config, secrets redacted
+        config_copy.write_text(json.dumps(redact(self.callback.params.get("config", {})), indent=2,
+                                          ensure_ascii=False, default=str), encoding="utf-8")
+        self.callback.log_new_artifacts(out)
+        self.callback.end(files=(config_copy, out / "run_summary.json"))

@@ -1,0 +1,1 @@
+"""Helpers behind `parity.py`: the Axolotl config check and (later) the stack comparison."""

@@ -1,0 +1,160 @@
+"""`parity.py compare REF.json CAND.json`: every gen_* metric side by side, and a verdict.
+
+The candidate fails when it is worse than the reference by more than a
+metric's tolerance: higher is better for the F1s, parse rate and exact
+match; lower for hallucination and truncation. Other gen_* values (per
+field, per source) are shown, and gated only when given a --tolerance.
+Runs scored on different example counts are not comparable: an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_tools.records import DataError, atomic_write_text
+
+DEFAULT_TOLERANCES = {
+    "gen_json_parse_rate": 0.02, "gen_offender_presence_f1": 0.02, "gen_offender_name_set_f1": 0.02,
+    "gen_all_fields_exact_match_rate": 0.02, "gen_negative_hallucination_rate": 0.02, "gen_truncation_rate": 0.02,
+}
+LOWER_IS_BETTER = ("gen_negative_hallucination_rate", "gen_truncation_rate")
+
+
+@dataclass
+class Row:
+    name: str
+    ref: float | None
+    cand: float | None
+    tolerance: float | None
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.ref is None or self.cand is None else self.cand - self.ref
+
+    @property
+    def worse_by(self) -> float:
+        """How much worse the candidate is (> 0 = worse), in the metric's own direction."""
+        if self.diff is None:
+            return 0.0
+        lower_better = self.name.split("/")[0] in LOWER_IS_BETTER
+        return self.diff if lower_better else -self.diff
+
+    @property
+    def failed(self) -> bool:
+        if self.tolerance is None:
+            return False
+        if self.ref is not None and self.cand is None:
+            return True  # a gated metric the candidate lacks
+        return self.worse_by > self.tolerance + 1e-12
+
+
+def load_metrics(path: str | Path) -> dict:
+    """gen_* metrics from a gen_metrics_step*.json, a `parity.py evaluate` file or a run_summary.json."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: line {e.lineno}: {e.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = data["metrics"]
+    metrics = {k: v for k, v in data.items() if k.startswith("gen_") and isinstance(v, (int, float))} \
+        if isinstance(data, dict) else {}
+    if "gen_num_examples" not in metrics:
+        raise DataError(f"{path}: no gen_* metrics with gen_num_examples (expected the output of the "
+                        "generation eval or `parity.py evaluate`)")
+    return metrics
+
+
+def parse_tolerances(items: list[str]) -> dict[str, float]:
+    out = dict(DEFAULT_TOLERANCES)
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.startswith("gen_"):
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise DataError(f"--tolerance '{item}': expected gen_<metric>=<number>, e.g. "
+                            "gen_offender_presence_f1=0.02") from None
+    return out
+
+
+def compare(ref: dict, cand: dict, tolerances: dict[str, float]) -> list[Row]:
+    if ref["gen_num_examples"] != cand["gen_num_examples"]:
+        raise DataError(f"the runs were scored on different numbers of examples ({ref['gen_num_examples']:g} vs "
+                        f"{cand['gen_num_examples']:g}): they are not comparable; evaluate both on the same file")
+    names = sorted(set(ref) | set(cand), key=lambda n: (n not in DEFAULT_TOLERANCES, "/" in n, n))
+    return [Row(n, ref.get(n), cand.get(n), tolerances.get(n)) for n in names if n != "gen_num_examples"]
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def table(rows: list[Row], ref_name: str, cand_name: str) -> str:
+    lines = [f"| metric | {ref_name} | {cand_name} | diff | tolerance | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        verdict = "WORSE" if r.failed else ("ok" if r.tolerance is not None else "")
+        diff = "—" if r.diff is None else f"{r.diff:+.4f}"
+        tol = "" if r.tolerance is None else f"{r.tolerance:g}"
+        lines.append(f"| {r.name} | {_fmt(r.ref)} | {_fmt(r.cand)} | {diff} | {tol} | {verdict} |")
+    return "\n".join(lines)
+
+
+def losses_of(summary_path: str | None) -> list[tuple[int, float]]:
+    """Training losses from our run_summary.json or the Axolotl plugin's."""
+    if not summary_path or not Path(summary_path).is_file():
+        return []
+    data = json.loads(Path(summary_path).read_text(encoding="utf-8"))
+    if data.get("train_losses"):
+        return [tuple(x) for x in data["train_losses"]]
+    return [(e["step"], e["loss"]) for e in data.get("log_history", []) if "loss" in e and "step" in e]
+
+
+def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources: tuple[str, str],
+                 losses: tuple[list, list]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    gated = [r for r in rows if r.tolerance is not None and r.ref is not None and r.cand is not None]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(gated))
+    ax.bar([i - 0.2 for i in x], [r.ref for r in gated], width=0.4, label=names[0])
+    ax.bar([i + 0.2 for i in x], [r.cand for r in gated], width=0.4, label=names[1])
+    ax.set_xticks(list(x), [r.name.removeprefix("gen_") for r in gated], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("generation metrics")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "parity_metrics.png", dpi=100)
+    plt.close(fig)
+    written.append(out_dir / "parity_metrics.png")
+    if losses[0] and losses[1]:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for name, curve in zip(names, losses):
+            ax.plot([s for s, _ in curve], [v for _, v in curve], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "parity_losses.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "parity_losses.png")
+    failed = [r.name for r in rows if r.failed]
+    verdict = (f"**FAIL**: {names[1]} is worse than {names[0]} beyond tolerance on {', '.join(failed)}"
+               if failed else f"**PASS**: {names[1]} is within tolerance of {names[0]} on every gated metric")
+    report = [f"# Parity report: {names[0]} vs {names[1]}", "", f"- reference: `{sources[0]}`",
+              f"- candidate: `{sources[1]}`", "", verdict, "", table(rows, *names), "",
+              "![metrics](parity_metrics.png)"]
+    if len(written) > 1:
+        report.append("![losses](parity_losses.png)")
+    atomic_write_text(out_dir / "parity_report.md", ["\n".join(report) + "\n"])
+    return [out_dir / "parity_report.md"] + written

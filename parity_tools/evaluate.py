@@ -1,0 +1,55 @@
+"""`parity.py evaluate`: the shared evaluator on any PEFT adapter, ours or Axolotl's.
+
+The base model's own tokenizer formats every prompt (the one prompt builder,
+the model's chat template), whoever trained the adapter, so two adapters are
+scored on identical inputs by `callbacks.generation_eval.evaluate_records`,
+the code the training callback runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data_tools.records import DataError, atomic_write_text, file_sha256, seeded_subset, write_rows
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def load_model(base_model: str, adapter: str | None, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.model import resolve_model_path
+
+    path = resolve_model_path(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise DataError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+def evaluate(base_model: str, adapter: str | None, data: str, out: Path, *, max_samples: int = 0,
+             seed: int = 0, batch_size: int = 32, dtype: str = "float32") -> dict:
+    from callbacks.generation_eval import evaluate_records
+    from callbacks.metrics import DEFAULT_FIELDS
+    from data_tools.convert import load_any_records
+
+    records = seeded_subset(load_any_records(data, DEFAULT_FIELDS), max_samples, seed)
+    if not records:
+        raise DataError(f"{data}: no records to evaluate")
+    model, tokenizer = load_model(base_model, adapter, dtype)
+    metrics, rows = evaluate_records(model, tokenizer, records, batch_size=batch_size)
+    meta = {"base_model": base_model, "adapter": adapter, "data": data, "data_sha256": file_sha256(data),
+            "max_samples": max_samples, "seed": seed, "dtype": dtype}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", [json.dumps({**metrics, "meta": meta}, indent=2, ensure_ascii=False)])
+    write_rows(out / "predictions.jsonl", rows)
+    return metrics

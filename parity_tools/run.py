@@ -1,0 +1,184 @@
+"""`parity.py run --preset tiny`: the whole comparison on CPU, end to end.
+
+--pair axolotl (default): check the Axolotl config, train `qwen_finetune.py
+--mode single` (Unsloth backend where it imports) and Axolotl on the same
+data with the same hyperparameters (the tiny preset and
+axolotl_configs/tiny_cpu.yml agree key by key: LoRA r/alpha/targets, lr and
+schedule, epochs or steps, micro-batch, dtype float32, seed), evaluate the
+untrained base and both adapters with the one shared evaluator on the same
+validation sample, compare.
+
+--pair legacy: `qwen_finetune_legacy.py` against `qwen_finetune.py --mode
+two-stage` given the legacy run's saved configuration: the losses must be
+identical, and so must the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from data_tools.records import DataError
+from parity_tools import compare as cmp
+from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
+from parity_tools.evaluate import evaluate
+
+# "Learnt" means: beats the untrained base by at least this much on both.
+LEARNT_MARGIN = {"gen_json_parse_rate": 0.2, "gen_offender_presence_f1": 0.2}
+AXOLOTL_TINY = REPO / "axolotl_configs" / "tiny_cpu.yml"
+
+
+def say(text: str) -> None:
+    print(f"[parity] {text}", flush=True)
+
+
+def step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> float:
+    """Run one phase, its output in `log`; on failure show the end of it."""
+    say(f"{name} ... (log: {log})")
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise DataError(f"{name} failed (exit {done.returncode}); the end of {log}:\n{tail}")
+    say(f"{name}: done in {seconds:.0f}s")
+    return seconds
+
+
+def tiny_model_dir(name: str) -> str:
+    from finetune.model import resolve_model_path
+
+    return resolve_model_path(name)
+
+
+def ours_args(max_steps: int) -> list[str]:
+    return [f"max_steps={max_steps}"] if max_steps > 0 else []
+
+
+def run_axolotl_pair(out: Path, max_steps: int, eval_samples: int) -> dict:
+    py = sys.executable
+    cfg = yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))
+    model_dir = tiny_model_dir(cfg["base_model"])
+    # Training only: both stacks are evaluated afterwards by the same evaluator.
+    cfg.update(base_model=model_dir, output_dir=str(out / "axolotl"), dataset_prepared_path=str(out / "axolotl_prepared"),
+               save_steps=max_steps if max_steps > 0 else cfg["save_steps"], logging_steps=1)
+    if max_steps > 0:
+        cfg["max_steps"] = max_steps
+    for key in ("plugins", "test_datasets", "eval_steps", "gen_eval_max_samples", "gen_eval_batch_size",
+                "mlflow_logger_experiment"):
+        cfg.pop(key, None)
+    cfg["val_set_size"] = 0
+    config = out / "axolotl_config.yml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    step("data (tiny set, messages export)", [py, "-m", "data_tools", "axolotl-data", str(AXOLOTL_TINY)],
+         out / "data.log")
+    step("config check (Axolotl)", [py, "parity.py", "check-axolotl", str(config), "--model", model_dir,
+                                    "--num-gpus", "1"], out / "check.log")
+    times = {
+        "ours": step("train qwen_finetune.py --mode single", [py, "qwen_finetune.py", "--mode", "single",
+                     "--preset", "tiny", "--overwrite", f"output_dir={out / 'ours'}", "gen_eval=false",
+                     "logging_steps=1", "eval_steps=100000", "save_steps=100000", *ours_args(max_steps)],
+                     out / "train_ours.log"),
+        "axolotl": step("train Axolotl", [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)],
+                        out / "train_axolotl.log", env=axolotl_env()),
+    }
+    ours_summary = out / "ours" / "single" / "run_summary.json"
+    backend = json.loads(ours_summary.read_text())["backend"]
+    states = sorted((out / "axolotl").glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    adapters = {"base": None, f"ours ({backend})": str(out / "ours" / "single" / "adapter"),
+                "axolotl": str(out / "axolotl")}
+    summaries = {f"ours ({backend})": str(ours_summary), "axolotl": str(states[-1]) if states else None}
+    return _evaluate_and_compare(out, adapters, summaries, eval_samples, times, reference=f"ours ({backend})",
+                                 candidate="axolotl", learnt_check=True)
+
+
+def run_legacy_pair(out: Path, max_steps: int, eval_samples: int, max_train_samples: int) -> dict:
+    py = sys.executable
+    common = ["--preset", "tiny", "--backend", "hf", "--overwrite", "gen_eval=false", "logging_steps=1",
+              "eval_steps=100000", "save_steps=100000", f"max_train_samples={max_train_samples}",
+              *ours_args(max_steps)]
+    times = {"legacy": step("train qwen_finetune_legacy.py", [py, "qwen_finetune_legacy.py", *common,
+                                                               f"output_dir={out / 'legacy'}"], out / "train_legacy.log")}
+    # The new script, given exactly the legacy run's configuration.
+    times["two-stage"] = step("train qwen_finetune.py --mode two-stage",
+                              [py, "qwen_finetune.py", "--config", str(out / "legacy" / "stage1" / "config.yaml"),
+                               "--overwrite", f"output_dir={out / 'two-stage'}"], out / "train_two_stage.log")
+    adapters = {"legacy": str(out / "legacy" / "stage2" / "adapter"),
+                "two-stage": str(out / "two-stage" / "stage2" / "adapter")}
+    summaries = {name: str(out / name / "stage2" / "run_summary.json") for name in adapters}
+    result = _evaluate_and_compare(out, adapters, summaries, eval_samples, times, reference="legacy",
+                                   candidate="two-stage", learnt_check=False)
+    same = all(cmp.losses_of(str(out / "legacy" / s / "run_summary.json"))
+               == cmp.losses_of(str(out / "two-stage" / s / "run_summary.json")) for s in ("stage1", "stage2"))
+    say(f"losses per step identical in both stages: {same}")
+    result["ok"] = result["ok"] and same
+    result["identical_losses"] = same
+    return result
+
+
+def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_samples: int, times: dict, *,
+                          reference: str, candidate: str, learnt_check: bool) -> dict:
+    eval_file = str(REPO / "data" / "tiny" / "hawks_val_mixed.json")
+    metrics = {}
+    for name, adapter in adapters.items():
+        say(f"evaluate {name} on {eval_samples} validation records (shared evaluator)")
+        folder = out / "eval" / name.split()[0]
+        metrics[name] = evaluate("tiny-dense", adapter, eval_file, folder, max_samples=eval_samples, seed=0)
+        metrics[name + "_file"] = str(folder / "metrics.json")
+    rows = cmp.compare(metrics[reference], metrics[candidate], dict(cmp.DEFAULT_TOLERANCES))
+    cmp.write_report(out, rows, (reference, candidate), (metrics[reference + "_file"], metrics[candidate + "_file"]),
+                     (cmp.losses_of(summaries.get(reference)), cmp.losses_of(summaries.get(candidate))))
+    learnt = {}
+    if learnt_check:
+        for name in (reference, candidate):
+            learnt[name] = {k: metrics[name][k] - metrics["base"][k] for k in LEARNT_MARGIN}
+    ok = not any(r.failed for r in rows) and all(
+        gain[k] >= LEARNT_MARGIN[k] for gain in learnt.values() for k in LEARNT_MARGIN)
+    table = headline_table({n: m for n, m in metrics.items() if not n.endswith("_file")})
+    report = out / "parity_report.md"
+    extra = [f"\n## All runs (headline metrics)\n\n{table}\n",
+             f"Training wall time (s): {', '.join(f'{k} {v:.0f}' for k, v in times.items())}\n"]
+    if learnt:
+        extra.append("Gain over the untrained base (must be >= "
+                     + ", ".join(f"{k} {v}" for k, v in LEARNT_MARGIN.items()) + "): "
+                     + "; ".join(f"{n}: " + ", ".join(f"{k} {v:+.3f}" for k, v in g.items())
+                                 for n, g in learnt.items()) + "\n")
+    report.write_text(report.read_text(encoding="utf-8") + "".join(extra), encoding="utf-8")
+    print(table)
+    for line in extra[1:]:
+        print(line.strip())
+    return {"ok": ok, "metrics": metrics, "learnt": learnt, "failed": [r.name for r in rows if r.failed],
+            "report": str(report)}
+
+
+def headline_table(metrics: dict) -> str:
+    keys = list(cmp.DEFAULT_TOLERANCES)
+    lines = ["| run | " + " | ".join(k.removeprefix("gen_") for k in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def run(preset: str, pair: str, out: Path, max_steps: int, eval_samples: int, max_train_samples: int) -> int:
+    if preset != "tiny":
+        raise DataError(f"preset '{preset}': `run` is the CPU loop on the tiny preset; on GPUs run the two "
+                        "stacks with their configs, then `parity.py evaluate` and `compare`")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if pair == "axolotl":
+        result = run_axolotl_pair(out, max_steps, eval_samples)
+    else:
+        result = run_legacy_pair(out, max_steps, eval_samples, max_train_samples)
+    (out / "parity_result.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    verdict = "PASS" if result["ok"] else "FAIL"
+    say(f"{verdict} ({pair} pair) in {time.perf_counter() - start:.0f}s; report: {result['report']}")
+    return 0 if result["ok"] else 1

@@ -1,0 +1,119 @@
+"""`parity.py tokens`: do both stacks train on the same token sequences with the same loss mask?
+
+Ours: the trainer's own data path (config resolution, the one prompt builder,
+TRL's SFTTrainer preprocessing, max_length truncation). Axolotl's: its own
+`load_cfg` + `load_datasets` in its environment (`axolotl_tokens`). The
+first N training examples are compared by position, in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_tools.records import DataError
+from parity_tools.axolotl_env import axolotl_env, axolotl_python
+
+TINY = ("tiny-dense", "tiny-moe")
+
+
+@dataclass
+class Tokenised:
+    input_ids: list[int]
+    trained: list[bool]
+
+
+def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[list[Tokenised], object, object]:
+    """The first n examples as our trainer's SFTTrainer tokenises them; also (cfg, tokenizer)."""
+    from finetune import config as config_mod
+    from finetune.data import load_split
+    from finetune.model import load_base
+    from finetune.stages import sft_trainer, stages_for
+
+    cfg = config_mod.resolve("single", None, config_file, config_mod.parse_overrides(overrides), {})
+    from data_tools.tiny_data import ensure_tiny_data
+
+    if cfg.preset == "tiny":
+        ensure_tiny_data(config_mod.data_files(cfg))
+    records = load_split(cfg.train_file, 0, cfg.seed)[:n]
+    model, tokenizer = load_base(cfg, "hf")  # tokenisation is TRL's either way; no Unsloth patching needed
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), model, tokenizer, records, [])
+        rows = [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]])
+                for r in trainer.train_dataset]
+    return rows, cfg, tokenizer
+
+
+def axolotl_tokens(config: str, n: int, base_model_dir: str | None) -> tuple[list[Tokenised], int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tokens.json"
+        cmd = [str(axolotl_python()), "-m", "parity_tools.axolotl_tokens", str(Path(config).resolve()), str(n),
+               str(out), f"--dataset_prepared_path={Path(tmp) / 'prepared'}"]
+        if base_model_dir:
+            cmd.append(f"--base_model={base_model_dir}")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=axolotl_env())
+        if done.returncode != 0:
+            raise DataError(f"Axolotl could not tokenise {config} (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        data = json.loads(out.read_text())
+    return [Tokenised(r["input_ids"], [label != -100 for label in r["labels"]]) for r in data["rows"]], data["total"]
+
+
+def first_difference(ours: Tokenised, theirs: Tokenised) -> int | None:
+    for i, (a, b) in enumerate(zip(zip(ours.input_ids, ours.trained), zip(theirs.input_ids, theirs.trained))):
+        if a != b:
+            return i
+    if len(ours.input_ids) != len(theirs.input_ids):
+        return min(len(ours.input_ids), len(theirs.input_ids))
+    return None
+
+
+def aligned(ours: Tokenised, theirs: Tokenised, tokenizer, at: int, context: int = 12) -> str:
+    """Both sequences token by token around the first difference; * marks a trained token."""
+    lines = [f"{'pos':>5}  {'ours':<28} {'axolotl':<28}"]
+    for i in range(max(0, at - context), min(max(len(ours.input_ids), len(theirs.input_ids)), at + context)):
+        cells = []
+        for seq in (ours, theirs):
+            if i < len(seq.input_ids):
+                text = repr(tokenizer.decode([seq.input_ids[i]]))[:22]
+                cells.append(f"{'*' if seq.trained[i] else ' '}{seq.input_ids[i]:>6} {text}")
+            else:
+                cells.append("(end)")
+        mark = "  <-- differs" if i == at else ""
+        lines.append(f"{i:>5}  {cells[0]:<28} {cells[1]:<28}{mark}")
+    return "\n".join(lines)
+
+
+def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axolotl: str, n: int) -> tuple[int, str]:
+    """(exit code, report): 0 when every compared example is identical."""
+    import yaml
+
+    ours, cfg, tokenizer = our_tokens(config_unsloth, overrides, n)
+    ax_cfg = yaml.safe_load(Path(config_axolotl).read_text(encoding="utf-8")) or {}
+    base = ax_cfg.get("base_model")
+    base_dir = None
+    if base in TINY:
+        from finetune.model import resolve_model_path
+
+        base_dir = resolve_model_path(base)
+    theirs, total = axolotl_tokens(config_axolotl, n, base_dir)
+    lines = [f"ours: {cfg.train_file} via qwen_finetune.py's data path (TRL SFTTrainer); "
+             f"axolotl: {config_axolotl} ({total:,} examples after its filters)"]
+    if len(theirs) < len(ours):
+        lines.append(f"Axolotl yielded {len(theirs)} examples, ours {len(ours)}: it dropped some "
+                     "(longer than sequence_len?)")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        at = first_difference(a, b)
+        if at is not None:
+            what = "token ids" if a.input_ids[at:at + 1] != b.input_ids[at:at + 1] else "trained-token mask"
+            lines.append(f"example {i}: {what} differ at position {at} (ours {len(a.input_ids)} tokens, "
+                         f"{sum(a.trained)} trained; axolotl {len(b.input_ids)} tokens, {sum(b.trained)} trained)")
+            lines.append(aligned(a, b, tokenizer, at))
+            return 1, "\n".join(lines)
+    compared = min(len(ours), len(theirs))
+    lines.append(f"identical: input_ids and trained-token masks of all {compared} compared examples "
+                 f"({sum(len(a.input_ids) for a in ours[:compared]):,} tokens, "
+                 f"{sum(sum(a.trained) for a in ours[:compared]):,} trained)")
+    return (0 if compared == len(ours) else 1), "\n".join(lines)

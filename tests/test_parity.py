@@ -1,0 +1,145 @@
+"""The parity harness: token parity, compare's verdicts, and the two pairs end to end."""
+
+import json
+import re
+
+import pytest
+
+from callbacks.generation_eval import score
+from conftest import REPO, run_cli
+from data_tools import synth
+from parity_tools import compare as cmp
+from data_tools.records import DataError
+
+
+def metrics_of(records, predictions):
+    answers = [{"prediction": p, "truncated": False} for p in predictions]
+    return score(records, answers)
+
+
+@pytest.fixture(scope="module")
+def val_records():
+    pos = synth.generate(0, "val", "positive", 20, held_out_names=True)
+    neg = synth.generate(0, "val", "negative", 20, held_out_names=True)
+    return [{**r, "source": "positive"} for r in pos] + [{**r, "source": "negative"} for r in neg]
+
+
+# ---------------------------------------------------------------- compare, unit level
+def test_a_worse_f1_beyond_tolerance_fails_and_within_passes():
+    ref = {"gen_num_examples": 10, "gen_offender_presence_f1": 0.90, "gen_json_parse_rate": 1.0}
+    rows = {r.name: r for r in cmp.compare(ref, {**ref, "gen_offender_presence_f1": 0.87}, cmp.DEFAULT_TOLERANCES)}
+    assert rows["gen_offender_presence_f1"].failed and rows["gen_offender_presence_f1"].worse_by == pytest.approx(0.03)
+    rows = {r.name: r for r in cmp.compare(ref, {**ref, "gen_offender_presence_f1": 0.885}, cmp.DEFAULT_TOLERANCES)}
+    assert not rows["gen_offender_presence_f1"].failed
+    # exactly at the tolerance is still within it
+    rows = {r.name: r for r in cmp.compare(ref, {**ref, "gen_offender_presence_f1": 0.88}, cmp.DEFAULT_TOLERANCES)}
+    assert not rows["gen_offender_presence_f1"].failed
+
+
+def test_higher_hallucination_and_truncation_are_worse():
+    ref = {"gen_num_examples": 10, "gen_negative_hallucination_rate": 0.0, "gen_truncation_rate": 0.10}
+    rows = {r.name: r for r in cmp.compare(ref, {**ref, "gen_negative_hallucination_rate": 0.05,
+                                                 "gen_truncation_rate": 0.0}, cmp.DEFAULT_TOLERANCES)}
+    assert rows["gen_negative_hallucination_rate"].failed
+    assert not rows["gen_truncation_rate"].failed  # lower is better: 0.1 -> 0 is an improvement
+
+
+def test_runs_on_different_example_counts_are_not_comparable():
+    with pytest.raises(DataError, match="not comparable"):
+        cmp.compare({"gen_num_examples": 10}, {"gen_num_examples": 11}, {})
+
+
+def test_a_gated_metric_missing_from_the_candidate_fails_and_ungated_ones_only_show():
+    ref = {"gen_num_examples": 4, "gen_json_parse_rate": 1.0, "gen_field_match_rate/age": 0.9}
+    rows = {r.name: r for r in cmp.compare(ref, {"gen_num_examples": 4, "gen_field_match_rate/age": 0.1},
+                                           cmp.DEFAULT_TOLERANCES)}
+    assert rows["gen_json_parse_rate"].failed
+    assert not rows["gen_field_match_rate/age"].failed and rows["gen_field_match_rate/age"].tolerance is None
+
+
+def test_tolerance_option_is_checked():
+    assert cmp.parse_tolerances(["gen_field_match_rate/age=0.1"])["gen_field_match_rate/age"] == 0.1
+    for bad in ("gen_json_parse_rate", "parse=0.1", "gen_json_parse_rate=abc"):
+        with pytest.raises(DataError, match="--tolerance"):
+            cmp.parse_tolerances([bad])
+
+
+# ---------------------------------------------------------------- compare, command line
+def test_compare_fails_when_half_the_answers_are_blanked(tmp_path, val_records):
+    gold = [r["output"] for r in val_records]
+    blanked = [("" if i % 2 else p) for i, p in enumerate(gold)]
+    (tmp_path / "ref.json").write_text(json.dumps(metrics_of(val_records, gold)))
+    (tmp_path / "worse.json").write_text(json.dumps(metrics_of(val_records, blanked)))
+
+    same = run_cli(str(REPO / "parity.py"), "compare", str(tmp_path / "ref.json"), str(tmp_path / "ref.json"),
+                   "--out", str(tmp_path / "same"))
+    assert same.returncode == 0 and "PASS" in same.stdout
+
+    worse = run_cli(str(REPO / "parity.py"), "compare", str(tmp_path / "ref.json"), str(tmp_path / "worse.json"),
+                    "--out", str(tmp_path / "report"), "--ref-name", "good", "--cand-name", "blanked")
+    assert worse.returncode == 1, worse.stdout + worse.stderr
+    assert re.search(r"\| gen_json_parse_rate \| 1\.0000 \| 0\.5000 \| -0\.5000 \| 0\.02 \| WORSE \|", worse.stdout)
+    assert "FAIL: blanked vs good" in worse.stdout
+    report = (tmp_path / "report" / "parity_report.md").read_text()
+    assert "**FAIL**" in report and "gen_offender_presence_f1" in report
+    png = (tmp_path / "report" / "parity_metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compare_errors_are_readable(tmp_path, val_records):
+    (tmp_path / "a.json").write_text(json.dumps(metrics_of(val_records, [r["output"] for r in val_records])))
+    (tmp_path / "b.json").write_text(json.dumps(metrics_of(val_records[:10], [r["output"] for r in val_records[:10]])))
+    (tmp_path / "c.json").write_text("{not json")
+    for other, message in (("b.json", "not comparable"), ("c.json", "c.json: not valid JSON: line 1"),
+                           ("missing.json", "missing.json: file not found")):
+        result = run_cli(str(REPO / "parity.py"), "compare", str(tmp_path / "a.json"), str(tmp_path / other),
+                         "--out", str(tmp_path))
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- token parity
+def test_both_stacks_train_identical_tokens_on_the_tiny_preset():
+    result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "50")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "identical: input_ids and trained-token masks of all 50 compared examples" in result.stdout
+
+
+def test_tokens_shows_the_first_difference_aligned(tmp_path):
+    # Axolotl without training the end-of-turn token: the masks must differ at <|im_end|>.
+    config = (REPO / "axolotl_configs" / "tiny_cpu.yml").read_text().replace("train_on_eos: turn", "train_on_eos: none")
+    (tmp_path / "no_eos.yml").write_text(config)
+    result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "5", "--config-axolotl", str(tmp_path / "no_eos.yml"))
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert "example 0: trained-token mask differ" in result.stdout
+    differing = [line for line in result.stdout.splitlines() if "<-- differs" in line]
+    assert len(differing) == 1 and "<|im_end|>" in differing[0] and differing[0].count("*") == 1
+
+
+# ---------------------------------------------------------------- the pairs end to end
+def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
+    out = tmp_path / "parity"
+    result = run_cli(str(REPO / "parity.py"), "run", "--preset", "tiny", "--pair", "axolotl", "--out", str(out),
+                     "--max-steps", "120", "--eval-samples", "60", timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    outcome = json.loads((out / "parity_result.json").read_text())
+    metrics = outcome["metrics"]
+    ours = next(k for k in metrics if k.startswith("ours") and not k.endswith("_file"))
+    for name in (ours, "axolotl"):
+        for key in ("gen_json_parse_rate", "gen_offender_presence_f1"):
+            assert metrics[name][key] >= metrics["base"][key] + 0.2, (name, key, metrics)
+        assert metrics[name]["gen_num_examples"] == 60
+    assert outcome["failed"] == []
+    report = (out / "parity_report.md").read_text()
+    assert "**PASS**" in report and (out / "parity_losses.png").is_file()
+
+
+def test_run_legacy_pair_has_identical_losses_and_metrics(tmp_path):
+    out = tmp_path / "legacy"
+    result = run_cli(str(REPO / "parity.py"), "run", "--pair", "legacy", "--out", str(out), "--max-steps", "2",
+                     "--max-train-samples", "32", "--eval-samples", "16", timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    outcome = json.loads((out / "parity_result.json").read_text())
+    assert outcome["identical_losses"] is True
+    legacy, new = outcome["metrics"]["legacy"], outcome["metrics"]["two-stage"]
+    assert {k: v for k, v in legacy.items() if k.startswith("gen_")} == \
+        {k: v for k, v in new.items() if k.startswith("gen_")}
