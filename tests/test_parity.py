@@ -118,8 +118,10 @@ def test_tokens_shows_the_first_difference_aligned(tmp_path):
 # ---------------------------------------------------------------- the pairs end to end
 def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
     out = tmp_path / "parity"
+    # The preset's full epoch (375 steps, ~5 min): measured, 120 steps learn the format but not yet
+    # presence (F1 0), and at 200-300 steps the two stacks differ by 1-3 borderline examples of 60-100.
     result = run_cli(str(REPO / "parity.py"), "run", "--preset", "tiny", "--pair", "axolotl", "--out", str(out),
-                     "--max-steps", "120", "--eval-samples", "60", timeout=1800)
+                     "--eval-samples", "100", timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     outcome = json.loads((out / "parity_result.json").read_text())
     metrics = outcome["metrics"]
@@ -127,7 +129,7 @@ def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
     for name in (ours, "axolotl"):
         for key in ("gen_json_parse_rate", "gen_offender_presence_f1"):
             assert metrics[name][key] >= metrics["base"][key] + 0.2, (name, key, metrics)
-        assert metrics[name]["gen_num_examples"] == 60
+        assert metrics[name]["gen_num_examples"] == 100
     assert outcome["failed"] == []
     report = (out / "parity_report.md").read_text()
     assert "**PASS**" in report and (out / "parity_losses.png").is_file()
