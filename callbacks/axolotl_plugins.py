@@ -47,17 +47,24 @@ class MLflowLoggerArgs(BaseModel):
 
 
 def _eval_file(cfg) -> str:
-    if cfg.gen_eval_file:
-        return cfg.gen_eval_file
-    tests = cfg.test_datasets or []
-    if not tests:
-        raise ValueError("GenerationEvalPlugin needs gen_eval_file or test_datasets in the config")
+    if cfg.get("gen_eval_file"):
+        return cfg["gen_eval_file"]
+    tests = cfg.get("test_datasets") or []
+    if not tests or not tests[0].get("path"):
+        raise ValueError("GenerationEvalPlugin needs an evaluation file: set gen_eval_file, or test_datasets "
+                         "with a path (e.g. the messages export of the validation set)")
     return tests[0]["path"]
 
 
 class GenerationEvalPlugin(BasePlugin):
     def get_input_args(self) -> str:
         return f"{__name__}.GenerationEvalArgs"
+
+    def register(self, cfg):
+        # Axolotl calls this when it reads the config: fail here, not after minutes of model loading.
+        path = _eval_file(cfg)
+        if cfg.get("gen_eval_file") and not Path(path).is_file():
+            raise ValueError(f"GenerationEvalPlugin: gen_eval_file not found: {path}")
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         records = load_any_records(_eval_file(cfg), DEFAULT_FIELDS)

@@ -119,8 +119,7 @@ def plugin_problems(found: dict) -> list[Problem]:
         for word, ours in OUR_PLUGINS.items():
             if word in name.lower():
                 hint += f"; this repository's plugin is {ours}"
-        problems.append(Problem("error", "plugins", f"'{name}' does not load ({error}); Axolotl logs this "
-                                f"and trains without it{hint}"))
+        problems.append(Problem("error", "plugins", f"'{name}' {error}{hint}"))
     return problems
 
 

@@ -21,8 +21,10 @@ import sys
 import traceback
 
 
-def plugin_errors(names: list) -> dict:
+def plugin_errors(names: list, raw: dict) -> dict:
+    """What Axolotl would log and skip (import), or stop on (the plugin's own config check)."""
     from axolotl.integrations.base import BasePlugin, PluginManager, load_plugin
+    from axolotl.utils.dict import DictDefault
 
     errors = {}
     manager = PluginManager.get_instance()
@@ -33,9 +35,14 @@ def plugin_errors(names: list) -> dict:
             plugin = load_plugin(name)
             if not isinstance(plugin, BasePlugin):
                 raise TypeError(f"{type(plugin).__name__} is not a subclass of axolotl's BasePlugin")
-            manager.plugins[name] = plugin
-        except Exception as e:  # any failure is what Axolotl would log and skip
-            errors[name] = f"{type(e).__name__}: {e}"
+        except Exception as e:
+            errors[name] = f"does not load ({type(e).__name__}: {e}); Axolotl logs this and trains without it"
+            continue
+        manager.plugins[name] = plugin
+        try:
+            plugin.register(DictDefault(raw))
+        except Exception as e:
+            errors[name] = f"rejects the config: {e}"
     return errors
 
 
@@ -125,7 +132,7 @@ def probe(config_path: str, model_config_path: str | None) -> dict:
 
     with open(config_path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
-    out = {"plugin_errors": plugin_errors(list(raw.get("plugins") or []))}
+    out = {"plugin_errors": plugin_errors(list(raw.get("plugins") or []), raw)}
     out["top_level_keys"], out["dataset_keys"] = known_keys()
     out["chat_templates"] = [c.value for c in ChatTemplate]
     types = [d.get("type") for key in ("datasets", "test_datasets") for d in raw.get(key) or []

@@ -123,31 +123,34 @@ def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    gated = [r for r in rows if r.tolerance is not None and r.ref is not None and r.cand is not None]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    x = range(len(gated))
-    ax.bar([i - 0.2 for i in x], [r.ref for r in gated], width=0.4, label=names[0])
-    ax.bar([i + 0.2 for i in x], [r.cand for r in gated], width=0.4, label=names[1])
-    ax.set_xticks(list(x), [r.name.removeprefix("gen_") for r in gated], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title("generation metrics")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "parity_metrics.png", dpi=100)
-    plt.close(fig)
-    written.append(out_dir / "parity_metrics.png")
-    if losses[0] and losses[1]:
+
+    def chart(name: str, draw) -> Path:
         fig, ax = plt.subplots(figsize=(9, 4))
+        draw(ax)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        return out_dir / name
+
+    def bars(ax) -> None:
+        gated = [r for r in rows if r.tolerance is not None and r.ref is not None and r.cand is not None]
+        x = range(len(gated))
+        ax.bar([i - 0.2 for i in x], [r.ref for r in gated], width=0.4, label=names[0])
+        ax.bar([i + 0.2 for i in x], [r.cand for r in gated], width=0.4, label=names[1])
+        ax.set_xticks(list(x), [r.name.removeprefix("gen_") for r in gated], rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("generation metrics")
+
+    def curves(ax) -> None:
         for name, curve in zip(names, losses):
             ax.plot([s for s, _ in curve], [v for _, v in curve], label=name)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "parity_losses.png", dpi=100)
-        plt.close(fig)
-        written.append(out_dir / "parity_losses.png")
+
+    written = [chart("parity_metrics.png", bars)]
+    if losses[0] and losses[1]:
+        written.append(chart("parity_losses.png", curves))
     failed = [r.name for r in rows if r.failed]
     verdict = (f"**FAIL**: {names[1]} is worse than {names[0]} beyond tolerance on {', '.join(failed)}"
                if failed else f"**PASS**: {names[1]} is within tolerance of {names[0]} on every gated metric")

@@ -23,12 +23,13 @@ export AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
 "$py" -m data_tools axolotl-data "$config"
 
+read -r ds base < <("$py" -c 'import sys, yaml
+c = yaml.safe_load(open(sys.argv[1])) or {}
+print(c.get("deepspeed") or "-", c.get("base_model") or "-")' "$config")
 # The deepspeed file must exist before a multi-minute model load.
-ds=$("$py" -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("deepspeed") or "")' "$config")
-[[ -z "$ds" || -f "$ds" ]] || { echo "error: $config: deepspeed file not found: $ds" >&2; exit 1; }
+[[ "$ds" == - || -f "$ds" ]] || { echo "error: $config: deepspeed file not found: $ds" >&2; exit 1; }
 
 # tiny-dense / tiny-moe: the locally built tiny models (built by the main stack, see README).
-base=$("$py" -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("base_model") or "")' "$config")
 model_args=()
 if [[ "$base" == tiny-dense || "$base" == tiny-moe ]]; then
   [[ -x .venv/bin/python ]] || { echo "error: the tiny models are built by the main stack: run bash scripts/setup.sh" >&2; exit 1; }

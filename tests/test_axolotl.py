@@ -66,6 +66,17 @@ def test_shipped_production_configs_pass_the_check(name, axolotl_ready):
     assert problem_lines(result) == []
 
 
+def test_check_reports_a_plugin_that_rejects_the_config(tmp_path, axolotl_ready):
+    # The generation-eval plugin has nothing to evaluate: Axolotl would stop at start; the check says so first.
+    config = (CONFIGS / "qwen_finetune_test.yml").read_text(encoding="utf-8")
+    no_eval = config[:config.index("test_datasets:")] + config[config.index("chat_template:"):]
+    (tmp_path / "no_eval.yml").write_text(no_eval, encoding="utf-8")
+    result = check(tmp_path / "no_eval.yml")
+    assert result.returncode == 1
+    assert any("GenerationEvalPlugin' rejects the config" in line and "gen_eval_file" in line
+               for line in problem_lines(result)), result.stdout
+
+
 def test_check_explains_a_missing_file_without_a_traceback(tmp_path):
     result = check(tmp_path / "nope.yml")
     assert result.returncode == 1 and "nope.yml: file not found" in result.stderr
