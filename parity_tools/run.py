@@ -127,14 +127,14 @@ def run_legacy_pair(out: Path, max_steps: int, eval_samples: int, max_train_samp
 def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_samples: int, times: dict, *,
                           reference: str, candidate: str, learnt_check: bool) -> dict:
     eval_file = str(REPO / "data" / "tiny" / "hawks_val_mixed.json")
-    metrics = {}
+    metrics, files = {}, {}
     for name, adapter in adapters.items():
         say(f"evaluate {name} on {eval_samples} validation records (shared evaluator)")
         folder = out / "eval" / name.split()[0]
         metrics[name] = evaluate("tiny-dense", adapter, eval_file, folder, max_samples=eval_samples, seed=0)
-        metrics[name + "_file"] = str(folder / "metrics.json")
+        files[name] = str(folder / "metrics.json")
     rows = cmp.compare(metrics[reference], metrics[candidate], dict(cmp.DEFAULT_TOLERANCES))
-    cmp.write_report(out, rows, (reference, candidate), (metrics[reference + "_file"], metrics[candidate + "_file"]),
+    cmp.write_report(out, rows, (reference, candidate), (files[reference], files[candidate]),
                      (cmp.losses_of(summaries.get(reference)), cmp.losses_of(summaries.get(candidate))))
     learnt = {}
     if learnt_check:
@@ -142,7 +142,7 @@ def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_sampl
             learnt[name] = {k: metrics[name][k] - metrics["base"][k] for k in LEARNT_MARGIN}
     ok = not any(r.failed for r in rows) and all(
         gain[k] >= LEARNT_MARGIN[k] for gain in learnt.values() for k in LEARNT_MARGIN)
-    table = headline_table({n: m for n, m in metrics.items() if not n.endswith("_file")})
+    table = headline_table(metrics)
     report = out / "parity_report.md"
     extra = [f"\n## All runs (headline metrics)\n\n{table}\n",
              f"Training wall time (s): {', '.join(f'{k} {v:.0f}' for k, v in times.items())}\n"]

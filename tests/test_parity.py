@@ -125,7 +125,7 @@ def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     outcome = json.loads((out / "parity_result.json").read_text())
     metrics = outcome["metrics"]
-    ours = next(k for k in metrics if k.startswith("ours") and not k.endswith("_file"))
+    ours = next(k for k in metrics if k.startswith("ours"))
     for name in (ours, "axolotl"):
         for key in ("gen_json_parse_rate", "gen_offender_presence_f1"):
             assert metrics[name][key] >= metrics["base"][key] + 0.2, (name, key, metrics)
