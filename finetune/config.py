@@ -53,6 +53,9 @@ class FinetuneConfig:
     attn_implementation: str = "auto"  # flash_attention_2 when flash-attn imports on a GPU, else sdpa
     gradient_checkpointing: bool = True
     max_length: int = 1536
+    # Batches of similar lengths (transformers' LengthGroupedSampler): far less padding; off by
+    # default so a parity run draws the same batches as Axolotl's default sampler.
+    group_by_length: bool = False
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32

@@ -104,6 +104,7 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
         ddp_backend="gloo" if not on_gpu and config_mod.world_size() > 1 else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         max_length=cfg.max_length,
         completion_only_loss=True,
         dataloader_num_workers=cfg.dataloader_num_workers,
