@@ -1,0 +1,10 @@
+"""Axolotl plugin that adds bench/step_timer.py's StepTimer (bench/train_throughput.py)."""
+
+from axolotl.integrations.base import BasePlugin
+
+from step_timer import StepTimer
+
+
+class StepTimerPlugin(BasePlugin):
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        return [StepTimer()]

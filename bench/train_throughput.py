@@ -1,0 +1,144 @@
+"""Training throughput of the stacks, side by side: same tiny model, data and settings.
+
+    .venv/bin/python bench/train_throughput.py [--examples 400] [--rounds 3]
+
+Contenders, each a fresh process per run, interleaved round by round so
+machine load hits them alike:
+  ours-unsloth  qwen_finetune.py --mode single --backend unsloth
+  ours-hf       qwen_finetune.py --mode single --backend hf
+  plain-trl     bench/plain_trl_sft.py (the ~40-line TRL script a user would write)
+  axolotl       Axolotl 0.19 in its own environment (axolotl_configs/tiny_cpu.yml)
+All train one epoch over the same first N examples of the tiny mix (LoRA r16
+on attention + MLP, micro-batch 8, max_length 640, float32, seed 3407), so
+every one processes the same tokens (token parity: `parity.py tokens`).
+Figures: trained tokens per second (real tokens of the epoch / time from
+train begin to the last optimizer step) and time to the first optimizer step
+from process launch (imports, model load, tokenisation included); medians
+with min-max, and each as a ratio to plain TRL. Appends to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str], dict]:
+    py = sys.executable
+    ours = [py, str(REPO / "qwen_finetune.py"), "--mode", "single", "--preset", "tiny", "--overwrite",
+            f"train_file={data}", "eval_file=", "gen_eval=false", f"output_dir={out}", "logging_steps=10",
+            "save_steps=100000", "extra_callbacks=step_timer.StepTimer"]
+    if name == "ours-unsloth":
+        return ours + ["--backend", "unsloth"], {}
+    if name == "ours-hf":
+        return ours + ["--backend", "hf"], {}
+    if name == "plain-trl":
+        return [py, str(REPO / "bench" / "plain_trl_sft.py"), model_dir, data, str(out)], {}
+    import yaml
+
+    from parity_tools.axolotl_env import axolotl_env, axolotl_python
+
+    cfg = yaml.safe_load((REPO / "axolotl_configs" / "tiny_cpu.yml").read_text(encoding="utf-8"))
+    for key in ("test_datasets", "eval_steps", "save_steps", "gen_eval_max_samples", "gen_eval_batch_size",
+                "mlflow_logger_experiment"):
+        cfg.pop(key, None)
+    cfg.update(base_model=model_dir, output_dir=str(out), dataset_prepared_path=str(out / "prepared"),
+               plugins=["axolotl_step_timer.StepTimerPlugin"], val_set_size=0, save_strategy="no",
+               datasets=[{**cfg["datasets"][0], "path": data.replace(".json", ".messages.jsonl")}])
+    config = out.parent / f"{out.name}.yml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)], axolotl_env()
+
+
+def run_once(name: str, data: str, model_dir: str, work: Path) -> dict:
+    out = work / f"{name}-{time.monotonic_ns()}"
+    cmd, env = commands(name, data, model_dir, out)
+    times = work / f"{out.name}.times.json"
+    env = {**(env or os.environ), "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO), (env or os.environ).get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not times.is_file():
+        raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    t = json.loads(times.read_text())
+    return {"first_step_s": t["steps"][0] - t["launched"], "train_s": t["steps"][-1] - t["train_begin"],
+            "steps": len(t["steps"])}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "plain-trl", "axolotl"])
+    args = p.parse_args()
+
+    import torch
+
+    from data_tools.axolotl_data import prepare_messages
+    from data_tools.records import load_records, write_rows
+    from data_tools.stats import token_lengths
+    from data_tools.tiny_data import ensure_tiny_data
+    from finetune.model import resolve_model_path
+    from transformers import AutoTokenizer
+
+    mix = "data/tiny/hawks_train_curriculum.json"
+    ensure_tiny_data({"train_file": mix})
+    model_dir = resolve_model_path("tiny-dense")
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data = str(work / "bench_train.json")
+    records = load_records(mix)[:args.examples]
+    write_rows(data, records)
+    prepare_messages([data.replace(".json", ".messages.jsonl")])
+    tokens = sum(token_lengths(records, AutoTokenizer.from_pretrained(model_dir)))
+    results = {name: [] for name in args.only}
+    for r in range(args.rounds):
+        for name in args.only:
+            res = run_once(name, data, model_dir, work)
+            results[name].append(res)
+            print(f"round {r + 1}: {name:<13} first step {res['first_step_s']:6.1f}s, "
+                  f"{tokens / res['train_s']:8.0f} tokens/s ({res['steps']} steps)", flush=True)
+
+    def stats(name, key):
+        values = [x[key] for x in results[name]]
+        return statistics.median(values), min(values), max(values)
+
+    base = "plain-trl" if "plain-trl" in results else args.only[0]
+    base_tps = tokens / stats(base, "train_s")[0]
+    lines = [f"| stack | trained tokens/s, median (min-max) | vs {base} | first optimizer step, s | vs {base} |",
+             "|---|---:|---:|---:|---:|"]
+    for name in args.only:
+        tps = sorted(tokens / x["train_s"] for x in results[name])
+        first = stats(name, "first_step_s")
+        lines.append(f"| {name} | {statistics.median(tps):.0f} ({tps[0]:.0f}-{tps[-1]:.0f}) | "
+                     f"{statistics.median(tps) / base_tps:.2f}x | {first[0]:.1f} ({first[1]:.1f}-{first[2]:.1f}) | "
+                     f"{first[0] / stats(base, 'first_step_s')[0]:.2f}x |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    versions = {}
+    for lib in ("torch", "transformers", "trl", "peft", "unsloth"):
+        import importlib.metadata as md
+
+        versions[lib] = md.version(lib)
+    section = (f"\n## training throughput — {datetime.date.today()} — {platform.machine()}, "
+               f"{torch.get_num_threads()} threads, tiny-dense, float32 on CPU\n\n"
+               f"{args.examples} examples ({tokens:,} tokens) of the tiny mix, one epoch, micro-batch 8, "
+               f"{args.rounds} interleaved rounds; {', '.join(f'{k} {v}' for k, v in versions.items())}; "
+               "Axolotl 0.19.0 in its own environment.\n\n" + table + "\n")
+    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
