@@ -1,7 +1,6 @@
 """Parity harness: compare fine-tuning stacks on the same data with the same metrics.
 
     python parity.py score --gold GOLD.json --pred PRED.jsonl
-
     python parity.py check-axolotl CONFIG.yml [--model DIR] [--num-gpus 4]
     python parity.py tokens [--config-unsloth CFG.yaml] [--set key=value ...] --config-axolotl CFG.yml [-n 50]
     python parity.py evaluate --base-model DIR [--adapter DIR] --data FILE --out DIR
@@ -17,6 +16,10 @@ scripts/setup_axolotl.sh) what it would ignore or get wrong in a config:
 unknown keys, invalid chat templates and dataset types, plugins that do not
 import, LoRA targets that miss a MoE model's fused experts, DeepSpeed batch
 sizes that contradict the config. One line per problem; exit 1 on an error.
+
+`tokens`, `evaluate`, `compare` and `run` are the stack comparison: same
+tokens and loss mask, the one shared evaluator, a verdict with tolerances,
+and the whole loop on the tiny preset (see parity_tools/ and the README).
 """
 
 from __future__ import annotations

@@ -23,8 +23,12 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
     from finetune.model import resolve_model_path
 
     path = resolve_model_path(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
+    except OSError as e:
+        raise DataError(f"--base-model {base_model}: cannot load it ({str(e).splitlines()[0]}); give a model "
+                        "folder, a hub id this machine can reach, or tiny-dense / tiny-moe") from None
     if adapter:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise DataError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")

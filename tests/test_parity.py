@@ -145,3 +145,14 @@ def test_run_legacy_pair_has_identical_losses_and_metrics(tmp_path):
     legacy, new = outcome["metrics"]["legacy"], outcome["metrics"]["two-stage"]
     assert {k: v for k, v in legacy.items() if k.startswith("gen_")} == \
         {k: v for k, v in new.items() if k.startswith("gen_")}
+
+
+def test_evaluate_explains_bad_paths_without_a_traceback(tmp_path):
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(synth.generate(0, "val", "negative", 2, held_out_names=True)))
+    for args, message in ((["--base-model", str(tmp_path / "no-model"), "--data", str(val)], "cannot load it"),
+                          (["--base-model", "tiny-dense", "--adapter", str(tmp_path), "--data", str(val)],
+                           "not a PEFT adapter folder"),
+                          (["--base-model", "tiny-dense", "--data", str(tmp_path / "none.json")], "file not found")):
+        result = run_cli(str(REPO / "parity.py"), "evaluate", *args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
