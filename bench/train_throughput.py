@@ -49,16 +49,12 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     import yaml
 
     from parity_tools.axolotl_env import axolotl_env, axolotl_python
+    from parity_tools.run import AXOLOTL_TINY, tiny_axolotl_training_config
 
-    cfg = yaml.safe_load((REPO / "axolotl_configs" / "tiny_cpu.yml").read_text(encoding="utf-8"))
-    for key in ("test_datasets", "eval_steps", "save_steps", "gen_eval_max_samples", "gen_eval_batch_size",
-                "mlflow_logger_experiment"):
-        cfg.pop(key, None)
-    cfg.update(base_model=model_dir, output_dir=str(out), dataset_prepared_path=str(out / "prepared"),
-               plugins=["axolotl_step_timer.StepTimerPlugin"], val_set_size=0, save_strategy="no",
-               datasets=[{**cfg["datasets"][0], "path": data.replace(".json", ".messages.jsonl")}])
-    config = out.parent / f"{out.name}.yml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    dataset = yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))["datasets"][0]
+    config = tiny_axolotl_training_config(
+        out.parent / f"{out.name}.yml", model_dir, out, plugins=["axolotl_step_timer.StepTimerPlugin"],
+        save_strategy="no", save_steps=None, datasets=[{**dataset, "path": data.replace(".json", ".messages.jsonl")}])
     return [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)], axolotl_env()
 
 

@@ -61,21 +61,25 @@ def ours_args(max_steps: int) -> list[str]:
     return [f"max_steps={max_steps}"] if max_steps > 0 else []
 
 
-def run_axolotl_pair(out: Path, max_steps: int, eval_samples: int) -> dict:
-    py = sys.executable
+def tiny_axolotl_training_config(path: Path, model_dir: str, output_dir: Path, **changes) -> Path:
+    """axolotl_configs/tiny_cpu.yml for training only (no evaluation, no plugins unless given),
+    on the built tiny model, written to `path`."""
     cfg = yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))
-    model_dir = tiny_model_dir(cfg["base_model"])
-    # Training only: both stacks are evaluated afterwards by the same evaluator.
-    cfg.update(base_model=model_dir, output_dir=str(out / "axolotl"), dataset_prepared_path=str(out / "axolotl_prepared"),
-               save_steps=max_steps if max_steps > 0 else cfg["save_steps"], logging_steps=1)
-    if max_steps > 0:
-        cfg["max_steps"] = max_steps
     for key in ("plugins", "test_datasets", "eval_steps", "gen_eval_max_samples", "gen_eval_batch_size",
                 "mlflow_logger_experiment"):
         cfg.pop(key, None)
-    cfg["val_set_size"] = 0
-    config = out / "axolotl_config.yml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    cfg.update(base_model=model_dir, output_dir=str(output_dir), dataset_prepared_path=str(output_dir) + "_prepared",
+               val_set_size=0, **changes)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_axolotl_pair(out: Path, max_steps: int, eval_samples: int) -> dict:
+    py = sys.executable
+    model_dir = tiny_model_dir(yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))["base_model"])
+    # Training only: both stacks are evaluated afterwards by the same evaluator.
+    changes = {"logging_steps": 1, **({"max_steps": max_steps, "save_steps": max_steps} if max_steps > 0 else {})}
+    config = tiny_axolotl_training_config(out / "axolotl_config.yml", model_dir, out / "axolotl", **changes)
 
     step("data (tiny set, messages export)", [py, "-m", "data_tools", "axolotl-data", str(AXOLOTL_TINY)],
          out / "data.log")
