@@ -25,7 +25,7 @@ from callbacks.mlflow_logger import MLflowLoggerCallback
 from callbacks.redact import redact
 from callbacks.runinfo import library_versions
 from data_tools.convert import load_any_records
-from data_tools.records import file_sha256
+from data_tools.records import atomic_write_text, file_sha256
 
 
 class GenerationEvalArgs(BaseModel):
@@ -116,9 +116,9 @@ class MLflowLoggerPlugin(BasePlugin):
         state = self.trainer.state
         summary = {"backend": "axolotl", "global_step": state.global_step,
                    "log_history": state.log_history}
-        (out / "run_summary.json").write_text(json.dumps(redact(summary), indent=2, default=str), encoding="utf-8")
+        atomic_write_text(out / "run_summary.json", [json.dumps(redact(summary), indent=2, default=str)])
         config_copy = out / "axolotl_config.json"  # the resolved config, secrets redacted
-        config_copy.write_text(json.dumps(redact(self.callback.params.get("config", {})), indent=2,
-                                          ensure_ascii=False, default=str), encoding="utf-8")
+        atomic_write_text(config_copy, [json.dumps(redact(self.callback.params.get("config", {})), indent=2,
+                                                   ensure_ascii=False, default=str)])
         self.callback.log_new_artifacts(out)
         self.callback.end(files=(config_copy, out / "run_summary.json"))

@@ -12,8 +12,8 @@ array, ``file:line`` for JSONL/CSV.
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
 import json
 import os
 import random

@@ -12,12 +12,11 @@ from data_tools import prepare, synth
 from data_tools.records import write_rows
 
 TINY_COUNTS = {"positives": 1500, "negatives": 1500, "val_positives": 100, "val_negatives": 100}
-# Which generated split each file holds.
-KINDS = ("stage1_train_file", "train_file", "stage2_train_file", "eval_file")
 
 
 def ensure_tiny_data(files: dict[str, str]) -> None:
-    """Write the missing files of {kind: path} once (deterministic, seed 0); kinds from KINDS."""
+    """Write the missing files of {kind: path} once (deterministic, seed 0); kinds: stage1_train_file
+    (positives), train_file / stage2_train_file (the mix), eval_file (validation mix)."""
     if all(Path(p).is_file() for p in files.values()):
         return
     n = TINY_COUNTS

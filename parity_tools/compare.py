@@ -116,7 +116,7 @@ def losses_of(summary_path: str | None) -> list[tuple[int, float]]:
 
 
 def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources: tuple[str, str],
-                 losses: tuple[list, list]) -> list[Path]:
+                 losses: tuple[list, list], appendix: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,5 +159,5 @@ def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources
               "![metrics](parity_metrics.png)"]
     if len(written) > 1:
         report.append("![losses](parity_losses.png)")
-    atomic_write_text(out_dir / "parity_report.md", ["\n".join(report) + "\n"])
+    atomic_write_text(out_dir / "parity_report.md", ["\n".join(report) + "\n" + appendix])
     return [out_dir / "parity_report.md"] + written

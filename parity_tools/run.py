@@ -138,8 +138,6 @@ def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_sampl
         metrics[name] = evaluate("tiny-dense", adapter, eval_file, folder, max_samples=eval_samples, seed=0)
         files[name] = str(folder / "metrics.json")
     rows = cmp.compare(metrics[reference], metrics[candidate], dict(cmp.DEFAULT_TOLERANCES))
-    cmp.write_report(out, rows, (reference, candidate), (files[reference], files[candidate]),
-                     (cmp.losses_of(summaries.get(reference)), cmp.losses_of(summaries.get(candidate))))
     learnt = {}
     if learnt_check:
         for name in (reference, candidate):
@@ -155,7 +153,9 @@ def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_sampl
                      + ", ".join(f"{k} {v}" for k, v in LEARNT_MARGIN.items()) + "): "
                      + "; ".join(f"{n}: " + ", ".join(f"{k} {v:+.3f}" for k, v in g.items())
                                  for n, g in learnt.items()) + "\n")
-    report.write_text(report.read_text(encoding="utf-8") + "".join(extra), encoding="utf-8")
+    cmp.write_report(out, rows, (reference, candidate), (files[reference], files[candidate]),
+                     (cmp.losses_of(summaries.get(reference)), cmp.losses_of(summaries.get(candidate))),
+                     appendix="".join(extra))
     print(table)
     for line in extra[1:]:
         print(line.strip())

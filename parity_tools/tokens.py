@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.records import DataError
+from finetune.config import TINY_MODELS
 from parity_tools.axolotl_env import axolotl_env, axolotl_python
-
-TINY = ("tiny-dense", "tiny-moe")
-
 
 @dataclass
 class Tokenised:
@@ -94,7 +92,7 @@ def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axol
     ax_cfg = yaml.safe_load(Path(config_axolotl).read_text(encoding="utf-8")) or {}
     base = ax_cfg.get("base_model")
     base_dir = None
-    if base in TINY:
+    if base in TINY_MODELS:
         from finetune.model import resolve_model_path
 
         base_dir = resolve_model_path(base)
