@@ -179,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="legacy pair: training examples per stage (its recipe is micro-batch 1 x 16)")
     p.set_defaults(run=run_pair)
     args = parser.parse_args(argv)
+    from finetune.config import ConfigError  # pure stdlib: importable in Axolotl's environment too
+
     try:
         return args.run(args)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

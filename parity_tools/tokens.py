@@ -88,6 +88,8 @@ def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axol
     """(exit code, report): 0 when every compared example is identical."""
     import yaml
 
+    if not Path(config_axolotl).is_file():
+        raise DataError(f"--config-axolotl {config_axolotl}: file not found")
     ours, cfg, tokenizer = our_tokens(config_unsloth, overrides, n)
     ax_cfg = yaml.safe_load(Path(config_axolotl).read_text(encoding="utf-8")) or {}
     base = ax_cfg.get("base_model")

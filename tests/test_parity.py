@@ -156,3 +156,10 @@ def test_evaluate_explains_bad_paths_without_a_traceback(tmp_path):
                           (["--base-model", "tiny-dense", "--data", str(tmp_path / "none.json")], "file not found")):
         result = run_cli(str(REPO / "parity.py"), "evaluate", *args, "--out", str(tmp_path / "out"))
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tokens_explains_missing_configs_without_a_traceback(tmp_path):
+    for args, message in ((["--config-unsloth", str(tmp_path / "none.yaml")], "config file not found"),
+                          (["--config-axolotl", str(tmp_path / "none.yml")], "--config-axolotl")):
+        result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "1", *args)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
