@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 qwen_finetune.py --mode single --preset qwen3-30b-a3b \\
         --deepspeed deepspeed_configs/zero2.json
     python qwen_finetune.py --preset qwen3-30b-a3b --dry-run  # preflight report, no training
+    python qwen_finetune.py export --adapter outputs/tiny/single/adapter --out exported --merge
 
 Modes: `single` = bf16 LoRA, one stage over the negative-sampled mix;
 `two-stage` = 4-bit NF4 QLoRA, stage1 on the positives then stage2 on the mix,

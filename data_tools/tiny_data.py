@@ -11,12 +11,22 @@ from pathlib import Path
 from data_tools import prepare, synth
 from data_tools.records import write_rows
 
-TINY_COUNTS = {"positives": 1500, "negatives": 1500, "val_positives": 100, "val_negatives": 100}
+TINY_COUNTS = {"positives": 1500, "negatives": 1500, "val_positives": 100, "val_negatives": 100,
+               "general": 1000}
+
+
+def general_text(split: str, count: int) -> list[dict]:
+    """Plain news text like the tiny models' pre-training corpus (`{"text": ...}` rows): what
+    the base already knew, for rehearsal and for measuring forgetting."""
+    kinds = ("positive", "negative")
+    return [{"text": synth.write_article(0, split, kinds[i % 2], i, synth.shapes_for(kinds[i % 2]), False)[1]}
+            for i in range(count)]
 
 
 def ensure_tiny_data(files: dict[str, str]) -> None:
     """Write the missing files of {kind: path} once (deterministic, seed 0); kinds: stage1_train_file
-    (positives), train_file / stage2_train_file (the mix), eval_file (validation mix)."""
+    (positives), train_file / stage2_train_file (the mix), eval_file (validation mix), rehearsal_data
+    and general_eval_file (plain text)."""
     if all(Path(p).is_file() for p in files.values()):
         return
     n = TINY_COUNTS
@@ -29,6 +39,8 @@ def ensure_tiny_data(files: dict[str, str]) -> None:
     out = {
         "stage1_train_file": positives, "train_file": mix, "stage2_train_file": mix,
         "eval_file": prepare.validation_mix(val_pos, val_neg, 0.5, seed=42),
+        "rehearsal_data": general_text("general", n["general"]),
+        "general_eval_file": general_text("general-eval", n["general"] // 5),
     }
     for key, path in files.items():
         if not Path(path).is_file():

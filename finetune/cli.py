@@ -49,6 +49,10 @@ def split_overrides(extra: list[str]) -> list[str]:
 def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | None = None,
          default_preset: str | None = None) -> int:
     """`fixed`: keys a restore path freezes over any preset (the user may still override them)."""
+    if argv and argv[0] == "export":
+        from finetune.export import main as export_main
+
+        return export_main(argv[1:], prog)
     args, extra = build_parser(prog, description).parse_known_args(argv)
     if args.help_config:
         for key, value in config_mod.to_dict(config_mod.FinetuneConfig()).items():

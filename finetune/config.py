@@ -108,6 +108,19 @@ class FinetuneConfig:
     watchdog_step_s: float = 300.0
     # extra transformers TrainerCallback classes, as "package.module.ClassName"
     extra_callbacks: list = field(default_factory=list)
+    # keeping what the base knew (finetune/distill.py, finetune/rehearsal.py):
+    # loss = task CE + distill_lambda * T^2 * KL(base || tuned) on every trained token;
+    # the base is the same model with its adapter disabled (4-bit when training is 4-bit)
+    distill_lambda: float = 0.0
+    distill_temperature: float = 1.0
+    # general data mixed into training: records/alpaca/ShareGPT/messages files, or plain text
+    # (.txt: one document per line; .jsonl/.json with a "text" field)
+    rehearsal_data: str = ""
+    rehearsal_ratio: float = 0.0  # share of the training examples drawn from rehearsal_data
+    # forgetting measure after training: loss of base and tuned model on held-out general data
+    # (general_eval_file, else general_eval_samples documents held out of rehearsal_data)
+    general_eval_file: str = ""
+    general_eval_samples: int = 200
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -243,6 +256,9 @@ def data_files(cfg: FinetuneConfig) -> dict[str, str]:
         "stage1_train_file": cfg.stage1_train_file, "stage2_train_file": cfg.stage2_train_file}
     if cfg.eval_file:  # empty: no evaluation
         files["eval_file"] = cfg.eval_file
+    for key in ("rehearsal_data", "general_eval_file"):
+        if getattr(cfg, key):
+            files[key] = getattr(cfg, key)
     return files
 
 
@@ -281,15 +297,21 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("4-bit QLoRA with DeepSpeed is not supported by this trainer: the frozen "
                           "4-bit weights cannot be sharded by ZeRO. Use --mode single (bf16 LoRA) with "
                           "DeepSpeed, or drop --deepspeed")
+    if cfg.distill_lambda < 0 or cfg.distill_temperature <= 0:
+        raise ConfigError("'distill_lambda' must be >= 0 (0 = off) and 'distill_temperature' > 0")
+    if not 0 <= cfg.rehearsal_ratio < 1:
+        raise ConfigError(f"'rehearsal_ratio' must be in [0, 1), got {cfg.rehearsal_ratio}")
+    if cfg.rehearsal_ratio > 0 and not cfg.rehearsal_data:
+        raise ConfigError("rehearsal_ratio > 0 needs rehearsal_data=FILE (general text or instruction data)")
+    if cfg.general_eval_samples < 1:
+        raise ConfigError("'general_eval_samples' must be at least 1")
     if cfg.watchdog_first_step_s <= 0 or cfg.watchdog_step_s <= 0:
         raise ConfigError("watchdog timeouts must be > 0 seconds")
-    tiny_generated = cfg.preset == "tiny" and all(
-        Path(p).parts[:2] == ("data", "tiny") for p in data_files(cfg).values())
-    if not tiny_generated:  # the tiny preset writes its own data on first use
-        for key, path in data_files(cfg).items():
-            if not Path(path).is_file():
-                raise ConfigError(f"{key}: file not found: {path}. Create it with `python -m data_tools "
-                                  f"synth` / `prepare`, or point {key}=... at your data")
+    for key, path in data_files(cfg).items():
+        tiny_generated = cfg.preset == "tiny" and Path(path).parts[:2] == ("data", "tiny")
+        if not tiny_generated and not Path(path).is_file():  # the tiny preset writes its own on first use
+            raise ConfigError(f"{key}: file not found: {path}. Create it with `python -m data_tools "
+                              f"synth` / `prepare`, or point {key}=... at your data")
     if cfg.deepspeed:
         check_deepspeed(cfg)
 

@@ -22,7 +22,7 @@ def load_split(path: str, limit: int, seed: int) -> list[dict]:
 def to_dataset(records: list[dict]):
     from datasets import Dataset
 
-    return Dataset.from_list([record_prompt_completion(r) for r in records])
+    return Dataset.from_list([{**record_prompt_completion(r), "source": r.get("source", "")} for r in records])
 
 
 def end_loss_at_end_of_turn(dataset, end_of_turn_id: int):

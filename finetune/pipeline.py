@@ -10,6 +10,7 @@ import contextlib
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from callbacks.runinfo import library_versions
@@ -18,11 +19,14 @@ from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
 from finetune.data import length_report, load_split
-from finetune.stages import (MARKER, Stage, is_complete, is_rank_zero, latest_checkpoint, losses,
-                             plan_stage_dirs, sft_trainer, stage_dir, stages_for, write_json)
+from finetune.forgetting import measure_forgetting
+from finetune.rehearsal import plan_general, text_rows
+from finetune.stages import (MARKER, Stage, distill_losses, is_complete, is_rank_zero, latest_checkpoint,
+                             losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for, write_json)
 
 SUMMARY_METRICS = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
-                   "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate")
+                   "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate",
+                   "general_loss_base", "general_loss_tuned", "general_loss_increase")
 class PhaseTimer:
     """Wall time of each start-up phase, printed as it ends (where did the minutes go?)."""
 
@@ -139,6 +143,18 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         train_records = load_split(stage.train_file, cfg.max_train_samples, cfg.seed)
         eval_records = load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed) if cfg.eval_file else []
         lengths = length_report(train_records, tokenizer, cfg.max_length)
+        general = plan_general(cfg.rehearsal_data, cfg.rehearsal_ratio, cfg.general_eval_file,
+                               cfg.general_eval_samples, len(train_records), cfg.seed)
+    rehearsal_text: list[dict] = []
+    if general is not None and general.examples:
+        r = general.report
+        say(f"rehearsal: {r['examples']:,} {general.kind} examples from {r['file']} mixed with "
+            f"{r['task_examples']:,} task examples (share {r['share']:.1%}, {r['passes_over_pool']} passes "
+            f"over {r['pool']:,}; {r['skipped_empty_documents']} empty documents skipped)")
+        if general.kind == "records":
+            train_records = train_records + general.examples
+        else:
+            rehearsal_text = text_rows(general.examples, tokenizer, cfg.max_length)
     if lengths["over_max_length"]:
         say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
             f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
@@ -153,7 +169,10 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
     data_identity = {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
                      "train_examples": len(train_records), "eval_file": cfg.eval_file,
                      "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
-                     "eval_examples": len(eval_records), "token_lengths": lengths}
+                     "eval_examples": len(eval_records), "token_lengths": lengths,
+                     "sources": dict(Counter(r.get("source") or "(none)" for r in train_records)
+                                     + Counter(r["source"] for r in rehearsal_text)),
+                     "general": general.report if general else None}
     libraries = library_versions()
     tracker = None
     if cfg.mlflow:
@@ -164,7 +183,8 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
                           "trainable_parameters": params["trainable_by_category"]}
         trainer_callbacks.append(tracker)
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
-        trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks)
+        trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks,
+                              rehearsal_text)
     if gen_eval is not None:
         gen_eval.trainer = trainer
     checkpoint = latest_checkpoint(out) if resume else None
@@ -184,10 +204,15 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate())
     if gen_eval is not None and gen_eval.history:
         metrics.update({k: v for k, v in gen_eval.history[-1].items() if k != "step"})
+    if general is not None and general.heldout and trainer.is_world_process_zero():
+        with timer(f"{stage.name}.forgetting_measure"):
+            metrics.update(measure_forgetting(model, tokenizer, general.heldout_kind, general.heldout,
+                                              cfg.max_length, cfg.eval_batch_size))
     summary = {
         "stage": stage.name, "mode": cfg.mode, "backend": backend, "model": cfg.model_name,
         "global_step": trainer.state.global_step, "train_seconds": round(train_s, 1),
         "train_losses": losses(trainer.state.log_history), "metrics": metrics,
+        "distill_losses": distill_losses(trainer.state.log_history),
         "phase_seconds": dict(timer.seconds), "trainable_parameters": params,
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                          "router_trained": plan.router, "expert_rank": plan.expert_rank},

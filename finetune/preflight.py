@@ -52,6 +52,13 @@ def estimate_memory_gib(cfg: FinetuneConfig, model_config, total: int, trainable
     overhead = 1.5 * GIB if not cfg.dtype == "float32" else 0.5 * GIB
     parts = {"weights": weights, "lora_params_grads_optimizer": lora_state, "activations": acts,
              "logits": logits, "runtime_overhead": overhead}
+    if cfg.distill_lambda > 0:
+        # The teacher is the same weights (adapter disabled): no second copy. Extra: its logits
+        # (model dtype) and the float32 softmaxes of the KL, upper bound = every position trained;
+        # its forward runs under no_grad, so one layer's activations at a time.
+        dtype_bytes = 4 if cfg.dtype == "float32" else 2
+        parts["distill_teacher"] = batch * seq * text.vocab_size * (dtype_bytes + 4 * 2) \
+            + batch * seq * hidden * 2 * 20
     parts = {k: round(v / GIB, 2) for k, v in parts.items()}
     parts["total"] = round(sum(parts.values()), 1)
     return parts
@@ -102,5 +109,8 @@ def preflight(cfg: FinetuneConfig) -> int:
               f"(measured on {d['measured']:,}); over max_length {d['max_length']}: ~{d['over_max_length']:,}")
     print("memory/dev   ~{total} GiB (rough: weights {weights}, LoRA state {lora_params_grads_optimizer}, "
           "activations {activations}, logits {logits}, overhead {runtime_overhead})".format(**memory))
+    if "distill_teacher" in memory:
+        print(f"distillation teacher pass: +{memory['distill_teacher']} GiB (its logits and the KL's "
+              "softmaxes, upper bound; no second copy of the weights: the teacher is the adapter-disabled model)")
     print(json.dumps(report, ensure_ascii=False))
     return 0

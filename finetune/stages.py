@@ -116,27 +116,38 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
 
 
 def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, train_records: list[dict],
-                eval_records: list[dict], callbacks: list = ()):
+                eval_records: list[dict], callbacks: list = (), text_rows: list[dict] = ()):
     """TRL's SFTTrainer over the one prompt builder's rows, with the loss ending at <|im_end|>.
 
     The template closes a turn with "<|im_end|>" and a newline; TRL's completion mask covers the newline too,
     Axolotl's chat_template (train_on_eos: turn) does not, and inference never generates it (it stops
-    at <|im_end|>). Dropping it from the loss makes both stacks train identical tokens."""
+    at <|im_end|>). Dropping it from the loss makes both stacks train identical tokens.
+    `text_rows`: pre-tokenised plain documents (rehearsal) added to the training set.
+    With distill_lambda > 0 the trainer adds the distillation term (finetune/distill.py)."""
     import dataclasses
 
     from trl import SFTTrainer  # imported (and patched by Unsloth, on that backend) by the caller first
 
     from finetune.data import end_loss_at_end_of_turn, to_dataset
+    from finetune.distill import distilling_trainer
 
     args = sft_config(cfg, stage, out)
     if not eval_records:
         args = dataclasses.replace(args, eval_strategy="no")
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=to_dataset(train_records),
-                         eval_dataset=to_dataset(eval_records) if eval_records else None,
-                         callbacks=list(callbacks))
+    trainer_class = SFTTrainer if cfg.distill_lambda == 0 else \
+        distilling_trainer(SFTTrainer, cfg.distill_lambda, cfg.distill_temperature)
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=to_dataset(train_records),
+                            eval_dataset=to_dataset(eval_records) if eval_records else None,
+                            callbacks=list(callbacks))
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     trainer.train_dataset = end_loss_at_end_of_turn(trainer.train_dataset, end_id)
+    if text_rows:
+        from datasets import Dataset, concatenate_datasets
+
+        columns = ["input_ids", "labels", "source"]
+        trainer.train_dataset = concatenate_datasets([trainer.train_dataset.select_columns(columns),
+                                                      Dataset.from_list(list(text_rows)).select_columns(columns)])
     if trainer.eval_dataset is not None:
         trainer.eval_dataset = end_loss_at_end_of_turn(trainer.eval_dataset, end_id)
     return trainer
@@ -144,6 +155,11 @@ def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, 
 
 def losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+
+
+def distill_losses(log_history: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, loss_task, loss_distill) of a distillation run."""
+    return [(e["step"], e["loss_task"], e["loss_distill"]) for e in log_history if "loss_distill" in e]
 
 
 def write_json(path: Path, value) -> None:
