@@ -6,7 +6,8 @@ Both sides run `callbacks.generation_eval.generate_answers` on the same
 validation records with the same settings (greedy, the same max_new_tokens
 budget, stop at <|im_end|>), interleaved in one process so machine load hits
 both alike; the ratio of examples/s is the figure. The answers must agree
-(a check, not a timing). Appends the figures to bench/RESULTS.md.
+(a check, not a timing). `--profile` adds torch.profiler self time per
+example by kind of op for both modes. Appends the figures to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from profile_ops import kinds_table, op_kinds, profile_ops  # noqa: E402  (after the path insert)
 
 
 def main() -> int:
@@ -32,6 +36,7 @@ def main() -> int:
     p.add_argument("--adapter", default="outputs/tiny/single/adapter",
                    help="LoRA adapter to merge first (default: the demo's; answers then stop like a "
                         "trained model's do; '' for the bare base model)")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of both modes")
     args = p.parse_args()
 
     import torch
@@ -91,6 +96,15 @@ def main() -> int:
                f"| prompt pass share of the time | batched {prefill_share['batched']:.0%}, one at a time "
                f"{prefill_share['one_by_one']:.0%} |\n"
                f"| speed-up bound with free decoding (one-at-a-time time / batched prompt pass) | {bound:.1f}x |\n")
+    if args.profile:
+        kinds = {}
+        for name, batch in (("batched", args.batch_size), ("one at a time", 1)):
+            ops = profile_ops(lambda: generate_answers(model, tokenizer, records, batch_size=batch,
+                                                       max_new_tokens=budget))
+            kinds[name] = {k: ms / len(records) for k, ms in op_kinds(ops).items()}
+        profile = kinds_table(kinds, "mode")
+        print("\nself CPU ms per example by kind of op (torch.profiler):\n" + profile)
+        section += "\nSelf CPU time per example by kind of op, ms (torch.profiler, one pass each):\n\n" + profile
     with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
         f.write(section)
     return 0

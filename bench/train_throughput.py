@@ -15,6 +15,8 @@ Figures: trained tokens per second (real tokens of the epoch / time from
 train begin to the last optimizer step) and time to the first optimizer step
 from process launch (imports, model load, tokenisation included); medians
 with min-max, and each as a ratio to plain TRL. Appends to bench/RESULTS.md.
+`--profile`: one more run per stack with steps 3-5 under torch.profiler, and
+its self CPU time by kind of op (matmul, attention, loss, optimizer, ...).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from profile_ops import kinds_table, op_kinds  # noqa: E402  (after the path insert)
 
 
 def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str], dict]:
@@ -58,12 +63,14 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     return [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)], axolotl_env()
 
 
-def run_once(name: str, data: str, model_dir: str, work: Path) -> dict:
+def run_once(name: str, data: str, model_dir: str, work: Path, profile: Path | None = None) -> dict:
     out = work / f"{name}-{time.monotonic_ns()}"
     cmd, env = commands(name, data, model_dir, out)
     times = work / f"{out.name}.times.json"
     env = {**(env or os.environ), "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times),
            "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO), (env or os.environ).get("PYTHONPATH", "")])}
+    if profile is not None:
+        env["BENCH_PROFILE"] = str(profile)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not times.is_file():
         raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -77,6 +84,7 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "plain-trl", "axolotl"])
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown per stack")
     args = p.parse_args()
 
     import torch
@@ -120,6 +128,15 @@ def main() -> int:
                      f"{statistics.median(tps) / base_tps:.2f}x | {first[0]:.1f} ({first[1]:.1f}-{first[2]:.1f}) | "
                      f"{first[0] / stats(base, 'first_step_s')[0]:.2f}x |")
     table = "\n".join(lines)
+    if args.profile:
+        kinds = {}
+        for name in args.only:
+            path = work / f"{name}.profile.json"
+            run_once(name, data, model_dir, work, profile=path)
+            profile = json.loads(path.read_text())
+            kinds[name] = {k: ms / profile["steps"] for k, ms in op_kinds(profile["ops"]).items()}
+        table += ("\n\nSelf CPU time per optimizer step by kind of op, ms (torch.profiler, steps 3-5, one run "
+                  "each):\n\n" + kinds_table(kinds, "stack"))
     print("\n" + table)
     versions = {}
     for lib in ("torch", "transformers", "trl", "peft", "unsloth"):

@@ -1,0 +1,218 @@
+"""GPU benchmark: the trainer on the Qwen3-30B-A3B architecture (fewer layers, random weights) and a
+dense Qwen3 of ~0.6B, bf16 LoRA vs 4-bit QLoRA, Unsloth vs hf backend.
+
+    .venv/bin/python bench/gpu.py [--moe-layers 8] [--steps 30] [--micro-batch 4] [--only moe dense]
+
+Needs an NVIDIA GPU; elsewhere it says so and exits 0. Steps:
+1. Library checks on the GPU: bitsandbytes 4-bit (a Linear4bit forward against
+   its dequantised weight), Unsloth (imports and patches a model), flash-attn
+   (imports and runs `flash_attn_func`, where installed).
+2. The GPU's measured bf16 matmul rate (8192^3 GEMMs), the denominator of MFU.
+3. Models built from config with random weights and saved, so both backends
+   load them with `from_pretrained`: Qwen3-30B-A3B's config with
+   `--moe-layers` of its 48 layers (all 128 experts per layer, router top-8),
+   and Qwen3-0.6B's config. The tokenizer is the tiny one (ids < 2000 are
+   valid ids of the 151,936-token vocabulary, whose LM head is kept).
+4. For each model, `bf16-lora` (mode single: attention + experts/MLP) and
+   `qlora-4bit` (load_in_4bit: what each two-stage stage runs), on each
+   backend: one real `qwen_finetune.py` process of `--steps` optimizer steps
+   over the tiny mix, timed by bench/step_timer.py. Tokens/s counts the real
+   tokens after the first step (TRL's `num_tokens`) over the time after it;
+   MFU = 4 x active parameters x tokens/s / measured bf16 rate (a LoRA step:
+   forward 2N, backward to the activations 2N, no weight gradients).
+
+Prints a table and appends it to bench/RESULTS.md with the GPU and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+MOE_CONFIG = REPO / "finetune" / "model_configs" / "Qwen3-30B-A3B-Instruct-2507.json"
+# Qwen/Qwen3-0.6B's published config (the dense model of the family)
+DENSE_0_6B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+              "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
+              "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+              "torch_dtype": "bfloat16"}
+
+
+def library_checks() -> dict:
+    import torch
+
+    checks = {}
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit
+
+        layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+        x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+        error = (layer(x) - x @ weight.t()).abs().max().item()
+        checks["bitsandbytes 4-bit"] = f"ok ({bnb.__version__}, max error vs dequantised {error:.1e})"
+    except Exception as e:  # report, keep measuring
+        checks["bitsandbytes 4-bit"] = f"FAILED: {type(e).__name__}: {e}"
+    if importlib.util.find_spec("flash_attn") is None:
+        checks["flash-attn"] = "not installed"
+    else:
+        try:
+            from flash_attn import __version__, flash_attn_func
+
+            q = torch.randn(1, 128, 8, 128, device="cuda", dtype=torch.bfloat16)
+            flash_attn_func(q, q, q, causal=True)
+            checks["flash-attn"] = f"ok ({__version__})"
+        except Exception as e:
+            checks["flash-attn"] = f"FAILED: {type(e).__name__}: {e}"
+    return checks
+
+
+def unsloth_check(model_dir: str) -> str:
+    """In a child process: Unsloth must import before transformers, which this one has imported."""
+    code = ("import unsloth, torch\nfrom unsloth import FastLanguageModel\n"
+            f"m, t = FastLanguageModel.from_pretrained({model_dir!r}, max_seq_length=256, dtype=torch.bfloat16)\n"
+            "m = FastLanguageModel.get_peft_model(m, r=8, target_modules=['q_proj','k_proj','v_proj','o_proj'])\n"
+            "m(input_ids=torch.tensor([[1, 2, 3]], device='cuda'))\n"
+            "print('UNSLOTH', unsloth.__version__, type(m.base_model.model.model.layers[0].self_attn).forward"
+            ".__module__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("UNSLOTH")), None)
+    return f"ok ({line.split(' ', 1)[1]})" if line else f"FAILED: {done.stderr.strip().splitlines()[-1:]}"
+
+
+def bf16_matmul_flops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        rates.append(10 * 2 * 8192 ** 3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def build_model(out: Path, config: dict) -> dict:
+    """Random weights in bf16, saved with the tiny tokenizer; returns total and active parameters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.model import resolve_model_path
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_model_path("tiny-dense")).save_pretrained(out)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    share = config.get("num_experts_per_tok", 1) / config.get("num_experts", 1)
+    return {"total": total, "active": total - experts + int(experts * share)}
+
+
+def train_once(model_dir: Path, variant: str, backend: str, args, work: Path) -> dict:
+    out = work / f"run-{time.monotonic_ns()}"
+    times = work / f"{out.name}.json"
+    cmd = [sys.executable, str(REPO / "qwen_finetune.py"), "--mode", "single", "--preset", "tiny",
+           "--backend", backend, f"model_name={model_dir}", f"output_dir={out}", "eval_file=", "gen_eval=false",
+           "dtype=bfloat16", "gradient_checkpointing=true", f"max_steps={args.steps}", "logging_steps=1",
+           f"micro_batch_size={args.micro_batch}", "gradient_accumulation_steps=1", "learning_rate=1e-4",
+           "save_steps=100000", "extra_callbacks=step_timer.StepTimer", f"load_in_4bit={variant == 'qlora-4bit'}"]
+    env = {**os.environ, "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO)])}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not times.is_file():
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    t = json.loads(times.read_text())
+    tokens = dict(t["num_tokens"])
+    steps = t["steps"]
+    after_first = tokens[len(steps)] - tokens[1]
+    return {"tokens_per_s": after_first / (steps[-1] - steps[0]), "first_step_s": steps[0] - t["launched"],
+            "peak_gib": t["peak_memory_bytes"] / 2 ** 30}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--moe-layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--only", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
+    p.add_argument("--backends", nargs="+", default=["unsloth", "hf"], choices=["unsloth", "hf"])
+    args = p.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/gpu.py: no NVIDIA GPU here (torch.cuda.is_available() is False), nothing measured. "
+              "Run it on a machine with a GPU; the CPU benchmarks are bench/train_throughput.py, "
+              "bench/padding.py, bench/generation_eval.py, bench/prepare.py and bench/forgetting.py.")
+        return 0
+    from callbacks.runinfo import library_versions
+    from data_tools.tiny_data import ensure_tiny_data
+
+    ensure_tiny_data({"train_file": "data/tiny/hawks_train_curriculum.json"})
+    gpu = torch.cuda.get_device_name(0)
+    checks = library_checks()
+    peak = bf16_matmul_flops()
+    print(f"{gpu}: measured bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    models = {}
+    if "moe" in args.only:
+        config = {**json.loads(MOE_CONFIG.read_text()), "num_hidden_layers": args.moe_layers,
+                  "max_window_layers": args.moe_layers}
+        models[f"Qwen3-30B-A3B arch, {args.moe_layers} of 48 layers"] = (work / "moe", config)
+    if "dense" in args.only:
+        models["Qwen3-0.6B arch (dense)"] = (work / "dense", DENSE_0_6B)
+    rows = []
+    for name, (path, config) in models.items():
+        params = build_model(path, config)
+        if "unsloth" in args.backends and "Unsloth" not in checks:
+            checks["Unsloth"] = unsloth_check(str(path))
+        for variant in ("bf16-lora", "qlora-4bit"):
+            for backend in args.backends:
+                r = train_once(path, variant, backend, args, work)
+                if "error" not in r:
+                    r["mfu"] = 4 * params["active"] * r["tokens_per_s"] / peak
+                rows.append({"model": name, "variant": variant, "backend": backend, **params, **r})
+                print(rows[-1], flush=True)
+    lines = ["| model | variant | backend | tokens/s | vs hf | MFU | peak GiB | first step s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | failed: {r['error']} |||||")
+            continue
+        hf = next((x for x in rows if x["model"] == r["model"] and x["variant"] == r["variant"]
+                   and x["backend"] == "hf" and "error" not in x), None)
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+                     f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['first_step_s']:.0f} |")
+    table = "\n".join(lines)
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in checks.items()) + "\n\n" + table)
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    section = (f"\n## gpu — {datetime.date.today()} — {gpu}, measured bf16 matmul {peak / 1e12:.0f} TFLOP/s\n\n"
+               f"{versions}. {args.steps} steps, micro-batch {args.micro_batch}, tiny mix, gradient "
+               "checkpointing, LoRA r16 on attention + experts/MLP.\n\n"
+               + "".join(f"- {k}: {v}\n" for k, v in checks.items()) + "\n" + table + "\n")
+    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
