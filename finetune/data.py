@@ -25,16 +25,18 @@ def to_dataset(records: list[dict]):
     return Dataset.from_list([{**record_prompt_completion(r), "source": r.get("source", "")} for r in records])
 
 
-def end_loss_at_end_of_turn(dataset, end_of_turn_id: int):
+def labels_ending_at(labels: list[int], end_of_turn_id: int) -> list[int]:
     """Labels after the last trained <|im_end|> become -100 (the template's trailing newline)."""
-    def cut(row):
-        labels = list(row["labels"])
-        ends = [i for i, label in enumerate(labels) if label == end_of_turn_id]
-        if ends:
-            labels[ends[-1] + 1:] = [-100] * (len(labels) - ends[-1] - 1)
-        return {"labels": labels}
+    labels = list(labels)
+    ends = [i for i, label in enumerate(labels) if label == end_of_turn_id]
+    if ends:
+        labels[ends[-1] + 1:] = [-100] * (len(labels) - ends[-1] - 1)
+    return labels
 
-    return dataset.map(cut, desc="Ending the loss at <|im_end|>")
+
+def end_loss_at_end_of_turn(dataset, end_of_turn_id: int):
+    return dataset.map(lambda row: {"labels": labels_ending_at(row["labels"], end_of_turn_id)},
+                       desc="Ending the loss at <|im_end|>")
 
 
 def length_report(records: list[dict], tokenizer, max_length: int, sample: int = 5000) -> dict:

@@ -144,9 +144,6 @@ def main(argv: list[str], prog: str) -> int:
     try:
         return export(Path(args.adapter), Path(args.out), args.merge, args.base, args.overwrite,
                       args.trust_remote_code)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a base or adapter that does not load: say which, no traceback
+    except (ConfigError, OSError) as e:  # OSError: a base or adapter that does not load; no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -160,6 +160,7 @@ def plan_general(rehearsal_data: str, ratio: float, general_eval_file: str, eval
 def answer_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
     """Instruction records tokenised with the chat template, the loss on the answer through <|im_end|>."""
     from data_tools.prompt import record_messages
+    from finetune.data import labels_ending_at
 
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = []
@@ -167,9 +168,6 @@ def answer_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
         prompt = tokenizer.apply_chat_template(record_messages(record, with_answer=False),
                                                add_generation_prompt=True, tokenize=True, return_dict=False)
         full = tokenizer.apply_chat_template(record_messages(record), tokenize=True, return_dict=False)
-        labels = [-100] * len(prompt) + full[len(prompt):]
-        if end in labels[len(prompt):]:
-            cut = len(labels) - labels[::-1].index(end)
-            labels[cut:] = [-100] * (len(labels) - cut)
+        labels = labels_ending_at([-100] * len(prompt) + full[len(prompt):], end)
         rows.append({"input_ids": full[:max_length], "labels": labels[:max_length]})
     return rows
