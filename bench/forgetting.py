@@ -1,7 +1,7 @@
 """Forgetting on the tiny preset: general-text loss increase and task metrics, with and without
 distillation from the base and rehearsal of general text.
 
-    .venv/bin/python bench/forgetting.py [--lambdas 0 0.5 2] [--ratios 0 0.2] [--max-steps N]
+    .venv/bin/python bench/forgetting.py [--lambdas 0 0.1 0.5 2] [--ratios 0 0.2] [--max-steps N]
 
 Each cell is one real `qwen_finetune.py --mode single` run (same data, seed and
 settings) with `rehearsal_data=data/tiny/general_text.jsonl`, so every run is
@@ -15,7 +15,6 @@ and metrics, not timing, so one run per cell. Appends the table to bench/RESULTS
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 GENERAL = "data/tiny/general_text.jsonl"
 
-from callbacks.runinfo import library_versions  # noqa: E402  (after the path insert)
+from results import append_section  # noqa: E402  (after the path insert)
 TASK = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_all_fields_exact_match_rate",
         "gen_negative_hallucination_rate")
 
@@ -47,7 +46,7 @@ def run(out: Path, distill_lambda: float, ratio: float, extra: list[str]) -> dic
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.5, 2.0])
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 0.5, 2.0])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2])
     p.add_argument("--max-steps", type=int, default=-1, help="default: one epoch of the tiny preset")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -72,16 +71,12 @@ def main() -> int:
         + " | ".join(f"{r[k]:.3f}" for k in TASK) + " |\n" for r in rows)
     print("\n" + table)
 
-    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items() if k in ("torch", "transformers",
-                                                                                   "trl", "peft", "unsloth"))
-    section = (f"\n## forgetting — {datetime.date.today()} — tiny preset, CPU ({os.cpu_count()} cores); {versions}\n\n"
-               f"`bench/forgetting.py --lambdas {' '.join(map(str, args.lambdas))} --ratios "
-               f"{' '.join(map(str, args.ratios))} --max-steps {args.max_steps} --temperature {args.temperature}`. "
-               "General loss: mean token loss on the same held-out plain news documents (base = adapter "
-               "disabled); increase > 0 means forgotten. Task metrics: generation eval, 100 validation "
-               "records.\n\n" + table)
-    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(section)
+    append_section("forgetting: tiny preset on CPU",
+                   f"`bench/forgetting.py --lambdas {' '.join(map(str, args.lambdas))} --ratios "
+                   f"{' '.join(map(str, args.ratios))} --max-steps {args.max_steps} --temperature "
+                   f"{args.temperature}`. General loss: mean token loss on the same held-out plain news "
+                   "documents (base = adapter disabled); increase > 0 means forgotten. Task metrics: generation "
+                   "eval, 100 validation records.\n\n" + table)
     return 0
 
 

@@ -13,8 +13,6 @@ example by kind of op for both modes. Appends the figures to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +23,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from profile_ops import kinds_table, op_kinds, profile_ops  # noqa: E402  (after the path insert)
+from results import append_section  # noqa: E402
+
+
+def device_name(device: str, torch) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} threads"
 
 
 def main() -> int:
@@ -37,6 +42,7 @@ def main() -> int:
                    help="LoRA adapter to merge first (default: the demo's; answers then stop like a "
                         "trained model's do; '' for the bare base model)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of both modes")
+    p.add_argument("--device", default=None, help="default: cuda when a GPU is visible, else cpu")
     args = p.parse_args()
 
     import torch
@@ -55,7 +61,8 @@ def main() -> int:
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     else:
         print("no adapter: measuring the bare base model, whose answers often run to the token limit")
-    model.eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
     half = args.examples // 2
     records = prepare.validation_mix(synth.generate(0, "val", "positive", args.examples - half, held_out_names=True),
                                      synth.generate(0, "val", "negative", half, held_out_names=True), 0.5, seed=1)
@@ -84,10 +91,9 @@ def main() -> int:
     print(f"prompt pass (prefill) share of the time: batched {prefill_share['batched']:.0%}, one at a time "
           f"{prefill_share['one_by_one']:.0%}; speed-up bound if decoding cost nothing: {bound:.1f}x")
 
-    section = (f"\n## generation eval — {datetime.date.today()} — {platform.machine()}, "
-               f"{torch.get_num_threads()} threads, {args.model}"
-               f"{' + ' + args.adapter if args.adapter and Path(args.adapter).is_dir() else ''}\n\n"
-               "| measure | value |\n|---|---|\n"
+    title = ("generation eval: " + args.model
+             + (f" + {args.adapter}" if args.adapter and Path(args.adapter).is_dir() else ""))
+    section = ("| measure | value |\n|---|---|\n"
                f"| examples | {len(records)} validation records (half negative), greedy, max_new_tokens {budget} |\n"
                f"| batched, batch {args.batch_size} | {rate['batched']:.1f} examples/s |\n"
                f"| one at a time | {rate['one_by_one']:.1f} examples/s |\n"
@@ -105,8 +111,7 @@ def main() -> int:
         profile = kinds_table(kinds, "mode")
         print("\nself CPU ms per example by kind of op (torch.profiler):\n" + profile)
         section += "\nSelf CPU time per example by kind of op, ms (torch.profiler, one pass each):\n\n" + profile
-    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(section)
+    append_section(title, section, device=device_name(device, torch))
     return 0
 
 

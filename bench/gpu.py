@@ -27,7 +27,6 @@ Prints a table and appends it to bench/RESULTS.md with the GPU and versions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -40,6 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from callbacks.runinfo import LIBRARIES  # noqa: E402  (after the path insert)
+from results import append_section  # noqa: E402
 MOE_CONFIG = REPO / "finetune" / "model_configs" / "Qwen3-30B-A3B-Instruct-2507.json"
 # Qwen/Qwen3-0.6B's published config (the dense model of the family)
 DENSE_0_6B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
@@ -163,7 +165,6 @@ def main() -> int:
               "Run it on a machine with a GPU; the CPU benchmarks are bench/train_throughput.py, "
               "bench/padding.py, bench/generation_eval.py, bench/prepare.py and bench/forgetting.py.")
         return 0
-    from callbacks.runinfo import library_versions
     from data_tools.tiny_data import ensure_tiny_data
 
     ensure_tiny_data({"train_file": "data/tiny/hawks_train_curriculum.json"})
@@ -204,13 +205,11 @@ def main() -> int:
                      f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['first_step_s']:.0f} |")
     table = "\n".join(lines)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in checks.items()) + "\n\n" + table)
-    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
-    section = (f"\n## gpu — {datetime.date.today()} — {gpu}, measured bf16 matmul {peak / 1e12:.0f} TFLOP/s\n\n"
-               f"{versions}. {args.steps} steps, micro-batch {args.micro_batch}, tiny mix, gradient "
-               "checkpointing, LoRA r16 on attention + experts/MLP.\n\n"
-               + "".join(f"- {k}: {v}\n" for k, v in checks.items()) + "\n" + table + "\n")
-    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(section)
+    append_section(f"gpu: measured bf16 matmul {peak / 1e12:.0f} TFLOP/s",
+                   f"{args.steps} steps, micro-batch {args.micro_batch}, tiny mix, gradient checkpointing, "
+                   "LoRA r16 on attention + experts/MLP.\n\n"
+                   + "".join(f"- {k}: {v}\n" for k, v in checks.items()) + "\n" + table,
+                   device=gpu, libraries=LIBRARIES)
     return 0
 
 

@@ -15,13 +15,14 @@ Appends them to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from results import append_section  # noqa: E402  (after the path insert)
 
 
 def real_share(cfg, model, tokenizer, records) -> tuple[float, int]:
@@ -66,14 +67,12 @@ def main() -> int:
     print(f"{'micro-batch':>11} {'batches':>8} {'plain padding':>14} {'group_by_length':>16}")
     for micro, batches, plain, grouped in rows:
         print(f"{micro:>11} {batches:>8} {plain:>14.3f} {grouped:>16.3f}")
-    section = (f"\n## padding — {datetime.date.today()} — real-token share of processed tokens\n\n"
-               f"{len(records):,} examples of `{args.data}` (the negative-sampled mix), the trainer's own "
-               f"dataloader, one epoch; exact counts (no timing).\n\n"
-               "| micro-batch | batches | plain random batches | `group_by_length=true` (target >= 0.9) |\n"
-               "|---:|---:|---:|---:|\n"
-               + "".join(f"| {m} | {b} | {p:.3f} | **{g:.3f}** |\n" for m, b, p, g in rows))
-    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(section)
+    append_section("padding: real-token share of processed tokens",
+                   f"{len(records):,} examples of `{args.data}` (the negative-sampled mix), the trainer's own "
+                   f"dataloader, one epoch; exact counts (no timing).\n\n"
+                   "| micro-batch | batches | plain random batches | `group_by_length=true` (target >= 0.9) |\n"
+                   "|---:|---:|---:|---:|\n"
+                   + "".join(f"| {m} | {b} | {p:.3f} | **{g:.3f}** |\n" for m, b, p, g in rows))
     return 0
 
 

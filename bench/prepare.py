@@ -11,9 +11,7 @@ Appends the figures to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from results import append_section  # noqa: E402  (bench/ is the script's folder)
 
 
 def run_once(data: Path, out: Path) -> tuple[float, float]:
@@ -63,11 +64,8 @@ def main() -> int:
     print("\nbench/prepare.py")
     for k, v in rows:
         print(f"  {k:18} {v}")
-    stamp = (f"\n## prepare — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cores, "
-             f"Python {platform.python_version()}\n\n| measure | value |\n|---|---|\n"
-             + "".join(f"| {k} | {v} |\n" for k, v in rows))
-    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(stamp)
+    append_section("prepare", "| measure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows),
+                   libraries=())
     return 0
 
 

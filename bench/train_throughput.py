@@ -6,6 +6,8 @@ Contenders, each a fresh process per run, interleaved round by round so
 machine load hits them alike:
   ours-unsloth  qwen_finetune.py --mode single --backend unsloth
   ours-hf       qwen_finetune.py --mode single --backend hf
+  ours-grouped  ours-unsloth with group_by_length=true (length-grouped batches,
+                less padding; off by default so parity runs draw Axolotl's batches)
   plain-trl     bench/plain_trl_sft.py (the ~40-line TRL script a user would write)
   axolotl       Axolotl 0.19 in its own environment (axolotl_configs/tiny_cpu.yml)
 All train one epoch over the same first N examples of the tiny mix (LoRA r16
@@ -22,10 +24,9 @@ its self CPU time by kind of op (matmul, attention, loss, optimizer, ...).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from profile_ops import kinds_table, op_kinds  # noqa: E402  (after the path insert)
+from results import append_section  # noqa: E402
 
 
 def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str], dict]:
@@ -49,6 +51,8 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
         return ours + ["--backend", "unsloth"], {}
     if name == "ours-hf":
         return ours + ["--backend", "hf"], {}
+    if name == "ours-grouped":
+        return ours + ["--backend", "unsloth", "group_by_length=true"], {}
     if name == "plain-trl":
         return [py, str(REPO / "bench" / "plain_trl_sft.py"), model_dir, data, str(out)], {}
     import yaml
@@ -79,12 +83,21 @@ def run_once(name: str, data: str, model_dir: str, work: Path, profile: Path | N
             "steps": len(t["steps"])}
 
 
+def axolotl_version() -> str:
+    from parity_tools.axolotl_env import axolotl_python
+
+    done = subprocess.run([str(axolotl_python()), "-c", "import importlib.metadata as m; print(m.version('axolotl'))"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "(version unknown)"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "plain-trl", "axolotl"])
+    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "ours-grouped", "plain-trl", "axolotl"])
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown per stack")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (runs, per-op profile JSON)")
     args = p.parse_args()
 
     import torch
@@ -138,18 +151,16 @@ def main() -> int:
         table += ("\n\nSelf CPU time per optimizer step by kind of op, ms (torch.profiler, steps 3-5, one run "
                   "each):\n\n" + kinds_table(kinds, "stack"))
     print("\n" + table)
-    versions = {}
-    for lib in ("torch", "transformers", "trl", "peft", "unsloth"):
-        import importlib.metadata as md
-
-        versions[lib] = md.version(lib)
-    section = (f"\n## training throughput — {datetime.date.today()} — {platform.machine()}, "
-               f"{torch.get_num_threads()} threads, tiny-dense, float32 on CPU\n\n"
-               f"{args.examples} examples ({tokens:,} tokens) of the tiny mix, one epoch, micro-batch 8, "
-               f"{args.rounds} interleaved rounds; {', '.join(f'{k} {v}' for k, v in versions.items())}; "
-               "Axolotl 0.19.0 in its own environment.\n\n" + table + "\n")
-    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(section)
+    append_section("training throughput: tiny-dense, float32 on CPU",
+                   f"{args.examples} examples ({tokens:,} tokens) of the tiny mix, one epoch, micro-batch 8, "
+                   f"{args.rounds} interleaved rounds"
+                   + (f"; Axolotl {axolotl_version()} in its own environment" if "axolotl" in args.only else "")
+                   + ".\n\n"
+                   + table, device=f"{torch.get_num_threads()} torch threads")
+    if args.keep:
+        print(f"runs and profiles kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
