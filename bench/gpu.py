@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -130,18 +129,16 @@ def build_model(out: Path, config: dict) -> dict:
 
 def train_once(model_dir: Path, variant: str, backend: str, args, work: Path) -> dict:
     out = work / f"run-{time.monotonic_ns()}"
-    times = work / f"{out.name}.json"
     cmd = [sys.executable, str(REPO / "qwen_finetune.py"), "--mode", "single", "--preset", "tiny",
            "--backend", backend, f"model_name={model_dir}", f"output_dir={out}", "eval_file=", "gen_eval=false",
            "dtype=bfloat16", "gradient_checkpointing=true", f"max_steps={args.steps}", "logging_steps=1",
            f"micro_batch_size={args.micro_batch}", "gradient_accumulation_steps=1", "learning_rate=1e-4",
            "save_steps=100000", "extra_callbacks=step_timer.StepTimer", f"load_in_4bit={variant == 'qlora-4bit'}"]
-    env = {**os.environ, "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO)])}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not times.is_file():
+    from step_timer import run_timed  # imports transformers: not before the GPU check
+
+    done, t = run_timed(cmd, work / f"{out.name}.json")
+    if t is None:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    t = json.loads(times.read_text())
     tokens = dict(t["num_tokens"])
     steps = t["steps"]
     after_first = tokens[len(steps)] - tokens[1]

@@ -32,13 +32,18 @@ def op_kinds(ops: list[dict]) -> dict[str, float]:
     return out
 
 
+def op_rows(prof) -> list[dict]:
+    """Each op's self CPU time from a stopped torch.profiler.profile."""
+    return [{"name": e.key, "self_cpu_us": e.self_cpu_time_total, "calls": e.count} for e in prof.key_averages()]
+
+
 def profile_ops(fn) -> list[dict]:
     """Run fn() under torch.profiler (CPU) and return each op's self time."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return [{"name": e.key, "self_cpu_us": e.self_cpu_time_total, "calls": e.count} for e in prof.key_averages()]
+    return op_rows(prof)
 
 
 def kinds_table(rows: dict[str, dict[str, float]], label: str) -> str:

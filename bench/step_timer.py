@@ -6,14 +6,21 @@ at the end of training (num_tokens from TRL's logs; peak memory on CUDA only).
 With $BENCH_PROFILE set, optimizer steps 3-5 run under torch.profiler and each
 op's self CPU time is written there as JSON: what dominates a step, per stack.
 Transformers + stdlib only, so every stack can load it: ours via `extra_callbacks=step_timer.StepTimer`, plain
-TRL directly, Axolotl through `axolotl_step_timer.StepTimerPlugin`.
+TRL directly, Axolotl through `axolotl_step_timer.StepTimerPlugin`. `run_timed` is the other
+side: it launches a training command with those variables set and reads the file back.
 """
 
 import json
 import os
+import subprocess
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
+
+from profile_ops import op_rows
+
+BENCH = Path(__file__).resolve().parent
 
 PROFILE_FROM, PROFILE_STEPS = 2, 3  # after warm-up: steps 3, 4 and 5
 
@@ -44,10 +51,8 @@ class StepTimer(TrainerCallback):
 
     def _stop_profiler(self) -> None:
         self.profiler.stop()
-        ops = [{"name": e.key, "self_cpu_us": e.self_cpu_time_total, "calls": e.count}
-               for e in self.profiler.key_averages()]
         with open(os.environ["BENCH_PROFILE"], "w") as f:
-            json.dump({"steps": PROFILE_STEPS, "ops": ops}, f)
+            json.dump({"steps": PROFILE_STEPS, "ops": op_rows(self.profiler)}, f)
         self.profiler = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -63,3 +68,16 @@ class StepTimer(TrainerCallback):
                 json.dump({"launched": float(os.environ.get("BENCH_T0", "nan")),
                            "train_begin": self.train_begin, "steps": self.steps,
                            "num_tokens": self.num_tokens, "peak_memory_bytes": peak}, f)
+
+
+def run_timed(cmd: list[str], times: Path, env: dict | None = None,
+              profile: Path | None = None) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run a training command whose trainer has a StepTimer (bench/ and the repository on its
+    PYTHONPATH); returns the finished process and what the timer wrote (None if nothing)."""
+    base = env or os.environ
+    path = os.pathsep.join(p for p in (str(BENCH), str(BENCH.parent), base.get("PYTHONPATH", "")) if p)
+    env = {**base, "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times), "PYTHONPATH": path,
+           **({"BENCH_PROFILE": str(profile)} if profile is not None else {})}
+    done = subprocess.run(cmd, cwd=BENCH.parent, env=env, capture_output=True, text=True)
+    ok = done.returncode == 0 and times.is_file()
+    return done, json.loads(times.read_text()) if ok else None

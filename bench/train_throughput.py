@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from profile_ops import kinds_table, op_kinds  # noqa: E402  (after the path insert)
 from results import append_section  # noqa: E402
+from step_timer import run_timed  # noqa: E402
 
 
 def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str], dict]:
@@ -70,15 +70,9 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
 def run_once(name: str, data: str, model_dir: str, work: Path, profile: Path | None = None) -> dict:
     out = work / f"{name}-{time.monotonic_ns()}"
     cmd, env = commands(name, data, model_dir, out)
-    times = work / f"{out.name}.times.json"
-    env = {**(env or os.environ), "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "bench"), str(REPO), (env or os.environ).get("PYTHONPATH", "")])}
-    if profile is not None:
-        env["BENCH_PROFILE"] = str(profile)
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not times.is_file():
+    done, t = run_timed(cmd, work / f"{out.name}.times.json", env, profile)
+    if t is None:
         raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    t = json.loads(times.read_text())
     return {"first_step_s": t["steps"][0] - t["launched"], "train_s": t["steps"][-1] - t["train_begin"],
             "steps": len(t["steps"])}
 
