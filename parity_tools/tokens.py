@@ -18,6 +18,7 @@ from data_tools.records import DataError
 from finetune.config import TINY_MODELS
 from parity_tools.axolotl_env import axolotl_env, axolotl_python
 
+
 @dataclass
 class Tokenised:
     input_ids: list[int]
