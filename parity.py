@@ -5,7 +5,7 @@
     python parity.py tokens [--config-unsloth CFG.yaml] [--set key=value ...] --config-axolotl CFG.yml [-n 50]
     python parity.py evaluate --base-model DIR [--adapter DIR] --data FILE --out DIR
     python parity.py compare REF.json CAND.json [--tolerance gen_offender_presence_f1=0.02 ...] [--out DIR]
-    python parity.py run --preset tiny [--pair axolotl|legacy] [--out DIR]
+    python parity.py run --preset tiny [--pair axolotl|legacy] [--model tiny-moe|tiny-dense] [--out DIR]
 
 `score` applies the metric definitions of callbacks/metrics.py to a file of
 predictions (one {"prediction": "..."} per line, in the order of GOLD) and
@@ -122,7 +122,7 @@ def run_pair(args) -> int:
     from parity_tools.run import run
 
     return run(args.preset, args.pair, Path(args.out or f"outputs/parity_{args.pair}"), args.max_steps,
-               args.eval_samples, args.max_train_samples)
+               args.eval_samples, args.max_train_samples, args.model, args.router_aux_loss_coef)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", choices=("axolotl", "legacy"), default="axolotl",
                    help="axolotl: qwen_finetune.py vs Axolotl; legacy: two-stage vs qwen_finetune_legacy.py")
     p.add_argument("--out", help="output folder (default outputs/parity_<pair>)")
+    p.add_argument("--model", default="", help="tiny-dense or tiny-moe (default: the tiny preset's model)")
+    p.add_argument("--router-aux-loss-coef", type=float, default=0.0,
+                   help="MoE router load-balancing loss weight, the same for both stacks (default 0 = off)")
     p.add_argument("--max-steps", type=int, default=0, help="cap the optimizer steps (0 = the preset's epochs)")
     p.add_argument("--eval-samples", type=int, default=100, help="validation records scored (seeded sample)")
     p.add_argument("--max-train-samples", type=int, default=64,

@@ -46,6 +46,7 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     py = sys.executable
     ours = [py, str(REPO / "qwen_finetune.py"), "--mode", "single", "--preset", "tiny", "--overwrite",
             f"train_file={data}", "eval_file=", "gen_eval=false", f"output_dir={out}", "logging_steps=10",
+            "model_name=tiny-dense",
             "save_steps=100000", "extra_callbacks=step_timer.StepTimer"]
     if name == "ours-unsloth":
         return ours + ["--backend", "unsloth"], {}
@@ -58,12 +59,13 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     import yaml
 
     from parity_tools.axolotl_env import axolotl_env, axolotl_python
-    from parity_tools.run import AXOLOTL_TINY, tiny_axolotl_training_config
+    from parity_tools.run import AXOLOTL_TINY, axolotl_model_changes, tiny_axolotl_training_config
 
     dataset = yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))["datasets"][0]
     config = tiny_axolotl_training_config(
         out.parent / f"{out.name}.yml", model_dir, out, plugins=["axolotl_step_timer.StepTimerPlugin"],
-        save_strategy="no", save_steps=None, datasets=[{**dataset, "path": data.replace(".json", ".messages.jsonl")}])
+        save_strategy="no", save_steps=None, datasets=[{**dataset, "path": data.replace(".json", ".messages.jsonl")}],
+        **axolotl_model_changes("tiny-dense"))
     return [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)], axolotl_env()
 
 

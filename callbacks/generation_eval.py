@@ -9,6 +9,7 @@ repository's pure modules only (it must import in Axolotl's environment).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -59,7 +60,7 @@ def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: i
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            with torch.inference_mode():
+            with torch.inference_mode(), without_router_logits(model):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
                                      temperature=None, top_p=None, top_k=None)
@@ -169,14 +170,10 @@ class GenerationEvalCallback(TrainerCallback):
         tokenizer = self.tokenizer or tokenizer
         if self._budget is None:
             self._budget = answer_token_budget(self.records, tokenizer)
-        was_training = model.training
-        _for_inference(model)
-        try:
+        with generation_mode(model, tokenizer):
             mine = generate_answers(model, tokenizer, _shard(self.records, rank, world),
                                     batch_size=self.batch_size, max_new_tokens=self._budget,
                                     progress=rank == 0)
-        finally:
-            _for_training(model, was_training)
         self._last_step = step  # on every rank: the ranks must agree on which evaluations run
         if world > 1:
             gathered = [None] * world if rank == 0 else None
@@ -218,17 +215,72 @@ def _unsloth_loaded() -> bool:
     return "unsloth" in sys.modules
 
 
-def _for_inference(model) -> None:
+def _router_configs(model) -> list:
+    """The (text) configs of an MoE model that carry `output_router_logits`."""
+    configs = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if text is not None and hasattr(text, "output_router_logits") and all(text is not c for c in configs):
+            configs.append(text)
+    return configs
+
+
+@contextlib.contextmanager
+def without_router_logits(model):
+    """No router logits (so no load-balancing loss) while decoding. A trainer that trains with the
+    MoE aux loss turns `output_router_logits` on in the shared config; `generate` would then compute
+    that loss at every decoding step against the whole padded mask and fail (transformers#42100)."""
+    on = [c for c in _router_configs(model) if c.output_router_logits]
+    for c in on:
+        c.output_router_logits = False
+    try:
+        yield
+    finally:
+        for c in on:
+            c.output_router_logits = True
+
+
+def _tokenizers(model, tokenizer) -> list:
+    """The tokenizer in use and any Unsloth keeps on the model chain (it flips their padding side)."""
+    found = [tokenizer] if tokenizer is not None else []
+    m = model
+    while True:  # the same walk as Unsloth's for_inference
+        saved = getattr(m, "_saved_temp_tokenizer", None)
+        if saved is not None and all(saved is not t for t in found):
+            found.append(saved)
+        if not hasattr(m, "model"):
+            return found
+        m = m.model
+
+
+@contextlib.contextmanager
+def generation_mode(model, tokenizer=None):
+    """Switch a model that is being trained to inference, and back to exactly what it was.
+
+    Unsloth's `for_inference` turns gradient checkpointing off on every module and sets its
+    tokenizer's padding side to left; its `for_training` would re-enable checkpointing on its own
+    terms. So every flag is recorded first and put back as found: checkpointing per module,
+    train/eval mode, the tokenizers' padding sides."""
+    was_training = model.training
+    checkpointing = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
+    tokenizers = _tokenizers(model, tokenizer)
+    padding = [t.padding_side for t in tokenizers]
     model.eval()
-    if _unsloth_loaded():
+    unsloth = _unsloth_loaded()
+    if unsloth:
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)
+    try:
+        yield
+    finally:
+        if unsloth:
+            from unsloth import FastLanguageModel
 
-
-def _for_training(model, was_training: bool) -> None:
-    if was_training and _unsloth_loaded():
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_training(model)
-    model.train(was_training)
+            FastLanguageModel.for_training(model)  # undoes its inference patching (fast LoRA, caches)
+        for module, value in checkpointing.items():
+            module.gradient_checkpointing = value
+        model.train(was_training)
+        for t, side in zip(tokenizers, padding):
+            t.padding_side = side

@@ -65,6 +65,10 @@ class FinetuneConfig:
     lora_target_modules: list = field(default_factory=lambda: ["auto"])
     lora_target_parameters: list = field(default_factory=lambda: ["auto"])
     train_router: bool = False
+    # MoE load-balancing loss weight (TRL's router_aux_loss_coef). 0 = off, our default: with the
+    # router frozen (train_router=false) it cannot rebalance routing, only pulls on the hidden states
+    # and shifts every reported loss. Qwen3-MoE checkpoints ship 0.001 (use it with train_router=true).
+    router_aux_loss_coef: float = 0.0
     # optimisation (single mode, and the defaults for each stage)
     learning_rate: float = 2e-4
     num_epochs: float = 1.5
@@ -126,7 +130,8 @@ class FinetuneConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: synthetic corpus + tiny offline model, CPU, minutes.
     "tiny": {
-        "model_name": "tiny-dense", "output_dir": "outputs/tiny", "dtype": "float32",
+        # the MoE: the architecture the user trains (tiny-dense stays available: model_name=tiny-dense)
+        "model_name": "tiny-moe", "output_dir": "outputs/tiny", "dtype": "float32",
         "train_file": "data/tiny/hawks_train_curriculum.json",
         "stage1_train_file": "data/tiny/hawks_train.json",
         "stage2_train_file": "data/tiny/hawks_train_curriculum.json",
@@ -297,6 +302,8 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("4-bit QLoRA with DeepSpeed is not supported by this trainer: the frozen "
                           "4-bit weights cannot be sharded by ZeRO. Use --mode single (bf16 LoRA) with "
                           "DeepSpeed, or drop --deepspeed")
+    if cfg.router_aux_loss_coef < 0:
+        raise ConfigError("'router_aux_loss_coef' must be >= 0 (0 = no MoE load-balancing loss)")
     if cfg.distill_lambda < 0 or cfg.distill_temperature <= 0:
         raise ConfigError("'distill_lambda' must be >= 0 (0 = off) and 'distill_temperature' > 0")
     if not 0 <= cfg.rehearsal_ratio < 1:

@@ -9,7 +9,9 @@ so the teacher pass runs the same weights under `disable_adapter()` and
 
 averaged over every token that carries a task loss (the answer of an
 instruction record, every token of a plain rehearsal document), normalised
-like TRL's own loss so lambda = 0 leaves the task term unchanged. The two parts
+like TRL's own loss so lambda = 0 leaves the task term unchanged. On a MoE
+with `router_aux_loss_coef` > 0 the router load-balancing term is added as
+TRL adds it, so the objective is the plain run's plus the KL term, nothing else. The two parts
 are logged as `loss_task` and `loss_distill` (the KL term before lambda).
 Evaluation (`eval_loss`) stays the plain task loss, comparable across runs.
 """
@@ -36,11 +38,16 @@ def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return positions, mask[:, positions]
 
 
+def forward_at(model, inputs: dict, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, K, V] logits at `positions`, the MoE router aux loss or None). transformers' forward
+    computes only those logits (`logits_to_keep`); Unsloth's ignores a tensor there and returns all."""
+    out = model(**inputs, logits_to_keep=positions, use_cache=False)
+    logits = out.logits if out.logits.shape[1] == positions.numel() else out.logits[:, positions]
+    return logits, getattr(out, "aux_loss", None)
+
+
 def logits_at(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
-    """[B, K, V] logits at `positions`. transformers' forward computes only those
-    (`logits_to_keep`); Unsloth's ignores a tensor there and returns all of them."""
-    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
-    return logits if logits.shape[1] == positions.numel() else logits[:, positions]
+    return forward_at(model, inputs, positions)[0]
 
 
 def teacher_logits(peft_model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
@@ -62,8 +69,14 @@ class DistillationMixin:
         positions, mask = trained_positions(labels)
         target = labels[:, 1:][:, positions][mask]
         peft_model = self.accelerator.unwrap_model(model)
-        teacher = teacher_logits(peft_model, forward, positions)[mask]
-        student = logits_at(model, forward, positions)[mask]  # through the wrapper: DDP/DeepSpeed hooks
+        aux_on = getattr(self, "aux_loss_enabled", False)  # TRL: router_aux_loss_coef > 0 on a MoE
+        if aux_on:  # the teacher's routing is not trained: no aux loss for it
+            teacher = teacher_logits(peft_model, {**forward, "output_router_logits": False}, positions)[mask]
+            forward["output_router_logits"] = True
+        else:
+            teacher = teacher_logits(peft_model, forward, positions)[mask]
+        student, aux = forward_at(model, forward, positions)  # through the wrapper: DDP/DeepSpeed hooks
+        student = student[mask]
         task = F.cross_entropy(student.float(), target, reduction="sum")
         distill = kl_per_token(student, teacher, self.distill_temperature).sum()
         tokens = mask.sum()
@@ -71,6 +84,10 @@ class DistillationMixin:
         loss = (task + self.distill_lambda * distill) / denominator
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients over ranks
+        if aux_on and aux is not None:  # the same load-balancing term, scaled as TRL scales it
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux / steps
+            self._metrics["train"]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
         count = max(int(tokens), 1)
         self._metrics["train"]["loss_task"].append(task.item() / count)
         self._metrics["train"]["loss_distill"].append(distill.item() / count)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, ConfigError
 
-CATEGORIES = ("attention", "dense_mlp", "experts", "router", "other")
+CATEGORIES = ("attention", "dense_mlp", "experts", "router", "embeddings", "other")
 ROUTER_MODULE = "mlp.gate"
 
 
@@ -30,6 +30,8 @@ def category(param_name: str) -> str:
         return "attention"
     if any(f".{t}." in param_name or param_name.endswith(f".{t}") for t in DENSE_MLP_TARGETS):
         return "dense_mlp"
+    if "embed_tokens" in param_name or "lm_head" in param_name:
+        return "embeddings"
     return "other"
 
 
@@ -96,9 +98,11 @@ def plan_targets(model, cfg) -> TargetPlan:
 
 def count_parameters(model) -> dict:
     """Total and trainable parameter counts, the trainable ones per category."""
+    import torch
+
     total, trainable = 0, Counter()
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # 4-bit packs two per byte
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit (Params4bit, NF4 experts): two per byte
         total += n
         if p.requires_grad:
             trainable[category(name)] += n
@@ -115,7 +119,8 @@ def check_trainable(model, plan: TargetPlan) -> dict:
                            "a LoRA target name matched it (PEFT renames 'gate' to the router)")
     if plan.parameters and not by_cat["experts"]:
         raise RuntimeError("expert targets were requested but no expert parameter is trainable")
-    if by_cat["other"]:
-        names = [n for n, p in model.named_parameters() if p.requires_grad and category(n) == "other"][:5]
+    if by_cat["other"] or by_cat["embeddings"]:
+        names = [n for n, p in model.named_parameters()
+                 if p.requires_grad and category(n) in ("other", "embeddings")][:5]
         raise RuntimeError(f"unexpected trainable parameters: {names}")
     return counts

@@ -24,17 +24,21 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str) -> tuple[str, str]:
+    """(backend, why): `auto` prefers Unsloth; when it ends on hf, `why` says so in one line."""
     if requested == "hf":
-        return "hf"
+        return "hf", "requested"
     available = importlib.util.find_spec("unsloth") is not None
     if requested == "unsloth" and not available:
         raise ConfigError("backend 'unsloth' requested but unsloth is not installed "
                           "(bash scripts/setup.sh installs it); or use --backend hf")
-    if requested == "auto" and available and world_size() > 1 and not _has_cuda():
-        # Unsloth's CPU fallback is single-process; torchrun on CPU uses PEFT.
-        return "hf"
-    return "unsloth" if available else "hf"
+    if requested == "unsloth":
+        return "unsloth", "requested"
+    if not available:
+        return "hf", "auto: unsloth is not installed (bash scripts/setup.sh installs it)"
+    if world_size() > 1 and not _has_cuda():
+        return "hf", "auto: Unsloth's CPU fallback runs one process only; torchrun on CPU uses PEFT"
+    return "unsloth", "auto: unsloth is installed"
 
 
 def _has_cuda() -> bool:
@@ -92,6 +96,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
             use_gradient_checkpointing=False)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
+        quantize_experts_if_4bit(model, cfg)
         return model, tokenizer
 
     import torch
@@ -108,7 +113,23 @@ def load_base(cfg: FinetuneConfig, backend: str):
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    quantize_experts_if_4bit(model, cfg)
     return model, load_tokenizer(cfg)
+
+
+def quantize_experts_if_4bit(model, cfg: FinetuneConfig) -> None:
+    """`load_in_4bit` quantizes nn.Linear only (transformers and Unsloth's CPU path); fused MoE experts,
+    ~95% of Qwen3-30B-A3B, get NF4 here (finetune/quant_experts.py). Then check that it took."""
+    if not cfg.load_in_4bit:
+        return
+    from finetune.quant_experts import quantize_fused_experts, storage_by_category
+
+    quantize_fused_experts(model, torch_dtype(cfg))
+    experts = storage_by_category(model).get("experts", {})
+    if set(experts) - {"4bit"}:
+        raise ConfigError(f"load_in_4bit: the MoE experts of {cfg.model_name} are stored as {sorted(experts)}, "
+                          "not 4-bit (an expert layout finetune/quant_experts.py does not know). Train in "
+                          "bf16 (--mode single, load_in_4bit=false) instead")
 
 
 def add_lora(model, cfg: FinetuneConfig, backend: str, plan: TargetPlan):

@@ -20,9 +20,11 @@ from finetune import config as config_mod
 from finetune.config import FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.forgetting import measure_forgetting
+from finetune.moe import TaskLossCallback, router_aux_loss_setting
 from finetune.rehearsal import plan_general, text_rows
-from finetune.stages import (MARKER, Stage, distill_losses, is_complete, is_rank_zero, latest_checkpoint,
-                             losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for, write_json)
+from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete, is_rank_zero,
+                             latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
+                             write_json)
 
 SUMMARY_METRICS = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
                    "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate",
@@ -73,7 +75,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     with timer("imports"):
         from finetune.model import add_lora, choose_backend, load_adapter_weights, load_base
 
-        backend = choose_backend(cfg.backend)
+        backend, backend_why = choose_backend(cfg.backend)
         if backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers/TRL/PEFT: import before them)
         import transformers
@@ -87,8 +89,9 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
 
         import callbacks.generation_eval  # noqa: F401
         from finetune.lora import check_trainable, plan_targets
+        from finetune.quant_experts import describe_storage, storage_by_category
     transformers.set_seed(cfg.seed)
-    say(f"backend: {backend}")
+    say(f"backend: {backend} ({backend_why})")
     with timer("model_load"):
         model, tokenizer = load_base(cfg, backend)
     with timer("lora"):
@@ -98,6 +101,13 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     say(f"LoRA targets: modules {plan.modules}, parameters {plan.parameters}, router "
         f"{'trained' if plan.router else 'frozen'}; trainable {params['trainable']:,} of "
         f"{params['total']:,} ({params['trainable_by_category']})")
+    storage = storage_by_category(model)
+    say(f"weight storage: {describe_storage(storage)}")
+    aux = router_aux_loss_setting(cfg, model.config)
+    model_info = {"router_aux_loss": aux, "weight_storage": storage}
+    if aux["moe"]:
+        say(f"MoE router load-balancing loss: {'on, coef ' + str(aux['coef']) if aux['on'] else 'off'} "
+            f"(router_aux_loss_coef; the checkpoint's own value {aux['checkpoint_coef']} is not used)")
 
     parent = None
     if cfg.mlflow and len(stages) > 1:  # two-stage: the stages are nested runs under one parent
@@ -114,8 +124,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         if previous is not None:  # an earlier stage finished in another process
             load_adapter_weights(model, previous / "adapter")
             say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
-        summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, timer, resume,
-                                     parent.run_id if parent else None))
+        summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, model_info, timer,
+                                     resume, parent.run_id if parent else None))
         previous = None  # the model in memory now carries this stage's adapter
     if parent is not None:
         parent.end()
@@ -131,8 +141,9 @@ def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | Non
                                 parent_run_id=parent_run_id, require=cfg.mlflow_require)
 
 
-def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, timer, resume,
+def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, model_info: dict, timer, resume,
                 parent_run_id: str | None = None) -> dict:
+    """One stage; `model_info`: the router aux-loss setting and the weight storage per category."""
     from finetune.model import attention_implementation
 
     from callbacks.generation_eval import GenerationEvalCallback
@@ -160,7 +171,9 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
             f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
             f"token length percentiles: {lengths['tokens']}")
     watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out)
-    trainer_callbacks = [watchdog] + [_import_object(path)() for path in cfg.extra_callbacks]
+    # TaskLossCallback first: the loggers after it see loss_task next to TRL's aux_loss
+    trainer_callbacks = [TaskLossCallback(model_info["router_aux_loss"]["coef"]), watchdog]
+    trainer_callbacks += [_import_object(path)() for path in cfg.extra_callbacks]
     gen_eval = None
     if cfg.gen_eval and eval_records:
         gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
@@ -213,6 +226,8 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, time
         "global_step": trainer.state.global_step, "train_seconds": round(train_s, 1),
         "train_losses": losses(trainer.state.log_history), "metrics": metrics,
         "distill_losses": distill_losses(trainer.state.log_history),
+        "router_aux_loss": {**model_info["router_aux_loss"], "aux_losses": aux_losses(trainer.state.log_history)},
+        "weight_storage_bytes": model_info["weight_storage"],
         "phase_seconds": dict(timer.seconds), "trainable_parameters": params,
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
@@ -244,8 +259,11 @@ def print_summary(cfg: FinetuneConfig, summaries: list[dict]) -> None:
         first = s["train_losses"][0][1] if s["train_losses"] else float("nan")
         last = s["train_losses"][-1][1] if s["train_losses"] else float("nan")
         eval_loss = f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+        aux = s.get("router_aux_loss") or {}
+        moe = (f"; router aux loss {'coef ' + str(aux['coef']) if aux['on'] else 'off'}"
+               if aux.get("moe") else "")
         say(f"{s['stage']:>7}: {s['global_step']} steps in {s['train_seconds']:.0f}s, "
-            f"train loss {first:.4f} -> {last:.4f}{eval_loss}; backend {s['backend']}")
+            f"train loss {first:.4f} -> {last:.4f}{eval_loss}; backend {s['backend']}{moe}")
         gen = {k: v for k, v in m.items() if k in SUMMARY_METRICS}
         if gen:
             say("         " + ", ".join(f"{k} {v:.3f}" for k, v in gen.items()))

@@ -13,6 +13,8 @@ from finetune import config as config_mod
 from finetune.config import FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.lora import CATEGORIES, count_parameters, plan_targets
+from finetune.moe import router_aux_loss_setting
+from finetune.quant_experts import describe_storage
 from finetune.stages import stages_for
 
 GIB = 1024 ** 3
@@ -32,12 +34,35 @@ def meta_model(cfg: FinetuneConfig):
     return model, model_config
 
 
-def estimate_memory_gib(cfg: FinetuneConfig, model_config, total: int, trainable: int) -> dict:
-    """A rough per-device estimate: weights + LoRA training state + activations."""
+# NF4 with double quantisation: 4 bits per weight + an 8-bit scale per 64-weight block (+ tiny second level)
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64
+QUANTIZED = ("attention", "dense_mlp", "experts")  # what load_in_4bit stores as NF4 (experts: quant_experts)
+
+
+def planned_storage(model, cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
+    """{category: {storage: bytes}} the run will hold, from the meta model: NF4 where 4-bit applies,
+    else the load dtype; on the hf backend PEFT's kbit preparation upcasts the rest to float32."""
+    from finetune.lora import category
+    from finetune.model import choose_backend
+
+    rest = cfg.dtype
+    if cfg.load_in_4bit and choose_backend(cfg.backend)[0] == "hf":
+        rest = "float32"
+    out: dict[str, dict[str, float]] = {}
+    for name, param in model.named_parameters():
+        cat = category(name)
+        kind = "4bit" if cfg.load_in_4bit and cat in QUANTIZED else rest
+        size = param.numel() * (NF4_BYTES_PER_WEIGHT if kind == "4bit" else {"float32": 4}.get(kind, 2))
+        out.setdefault(cat, {})
+        out[cat][kind] = out[cat].get(kind, 0) + size
+    return out
+
+
+def estimate_memory_gib(cfg: FinetuneConfig, model_config, storage: dict, trainable: int) -> dict:
+    """A rough per-device estimate: weights (as stored, per category) + LoRA training state + activations."""
     text = model_config.get_text_config()
     world = config_mod.world_size()
-    weight_bytes = 0.56 if cfg.load_in_4bit else 2 if cfg.dtype != "float32" else 4  # NF4 + double-quant scales
-    weights = total * weight_bytes
+    weights = sum(size for kinds in storage.values() for size in kinds.values())
     # fp32 LoRA weights + grads + AdamW moments; ZeRO-2 shards grads and moments,
     # and the shipped zero2.json offloads the optimizer to CPU.
     zero2 = bool(cfg.deepspeed)
@@ -81,7 +106,8 @@ def preflight(cfg: FinetuneConfig) -> int:
     for stage in stages_for(cfg):
         data[stage.name] = length_report(load_split(stage.train_file, cfg.max_train_samples, cfg.seed),
                                          tokenizer, cfg.max_length)
-    memory = estimate_memory_gib(cfg, model_config, base_counts["total"], counts["trainable"])
+    storage = planned_storage(model, cfg)
+    memory = estimate_memory_gib(cfg, model_config, storage, counts["trainable"])
     report = {
         "model": cfg.model_name, "model_class": type(model).__name__, "mode": cfg.mode,
         "world_size": config_mod.world_size(), "quantization": "4-bit NF4" if cfg.load_in_4bit else cfg.dtype,
@@ -91,6 +117,9 @@ def preflight(cfg: FinetuneConfig) -> int:
                          "expert_rank": plan.expert_rank if plan.parameters else None},
         "trainable_parameters": counts["trainable"],
         "trainable_by_category": counts["trainable_by_category"],
+        "router_aux_loss": router_aux_loss_setting(cfg, model_config),
+        "weight_storage_bytes": {cat: {kind: round(size) for kind, size in kinds.items()}
+                                 for cat, kinds in storage.items()},
         "data": data, "memory_estimate_gib_per_device": memory,
     }
     print("\n=== preflight (dry run: nothing was trained) ===")
@@ -100,6 +129,10 @@ def preflight(cfg: FinetuneConfig) -> int:
     for target, n in plan.matches.items():
         print(f"target       {target:<28} matched {n}")
     print(f"router       {report['lora_targets']['router']}")
+    aux = report["router_aux_loss"]
+    if aux["moe"]:
+        print(f"router loss  load-balancing aux loss {'on, coef ' + str(aux['coef']) if aux['on'] else 'off'} "
+              f"(router_aux_loss_coef; checkpoint's value {aux['checkpoint_coef']} not used)")
     share = counts["trainable"] / max(base_counts["total"], 1)
     print(f"trainable    {counts['trainable']:,} ({share:.3%} of the base)")
     for cat in CATEGORIES:
@@ -107,6 +140,7 @@ def preflight(cfg: FinetuneConfig) -> int:
     for name, d in data.items():
         print(f"data {name:<7} {d['examples']:,} examples; tokens {d['tokens']} "
               f"(measured on {d['measured']:,}); over max_length {d['max_length']}: ~{d['over_max_length']:,}")
+    print(f"weights      {describe_storage(storage)}")
     print("memory/dev   ~{total} GiB (rough: weights {weights}, LoRA state {lora_params_grads_optimizer}, "
           "activations {activations}, logits {logits}, overhead {runtime_overhead})".format(**memory))
     if "distill_teacher" in memory:

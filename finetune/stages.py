@@ -107,6 +107,7 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         max_length=cfg.max_length,
         completion_only_loss=True,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,  # never the checkpoint's value by accident
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=cfg.report_to or "none",
         deepspeed=cfg.deepspeed or None,
@@ -160,6 +161,11 @@ def losses(log_history: list[dict]) -> list[tuple[int, float]]:
 def distill_losses(log_history: list[dict]) -> list[tuple[int, float, float]]:
     """(step, loss_task, loss_distill) of a distillation run."""
     return [(e["step"], e["loss_task"], e["loss_distill"]) for e in log_history if "loss_distill" in e]
+
+
+def aux_losses(log_history: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, loss_task, aux_loss) of a MoE run with the router load-balancing loss on."""
+    return [(e["step"], e["loss_task"], e["aux_loss"]) for e in log_history if "aux_loss" in e and "loss" in e]
 
 
 def write_json(path: Path, value) -> None:

@@ -144,6 +144,11 @@ def lora_problems(raw: dict, lora: dict | None, model_config: Path | None) -> li
                                 f"reached only because this PEFT renames module names to the fused parameters "
                                 f"{lora.get('target_parameters_after_peft')}; with another PEFT version the same "
                                 f"config trains attention only. State lora_target_parameters: [{explicit}]"))
+    if lora["experts_in_model"] and "output_router_logits" not in (raw.get("model_config") or {}):
+        problems.append(Problem("warning", "model_config", "the MoE router load-balancing loss is left to the "
+                                "checkpoint's config; state it so both stacks train the same loss: "
+                                "model_config: {output_router_logits: false} (qwen_finetune.py's default, "
+                                "router_aux_loss_coef=0), or true with the same router_aux_loss_coef"))
     if trained["router"]:
         problems.append(Problem("warning", "lora_target_modules", "the MoE router (mlp.gate) is trained: a "
                                 "target named 'gate' reaches it. Leave it out unless that is intended"))

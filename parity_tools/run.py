@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from data_tools.records import DataError
+from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, PRESETS, TINY_MODELS
 from parity_tools import compare as cmp
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
 from parity_tools.evaluate import evaluate
@@ -70,15 +71,38 @@ def tiny_axolotl_training_config(path: Path, model_dir: str, output_dir: Path, *
         cfg.pop(key, None)
     cfg.update(base_model=model_dir, output_dir=str(output_dir), dataset_prepared_path=str(output_dir) + "_prepared",
                val_set_size=0, **changes)
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # a change of None removes the key
     path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
 
-def run_axolotl_pair(out: Path, max_steps: int, eval_samples: int) -> dict:
+def axolotl_model_changes(model: str, router_aux_loss_coef: float = 0.0) -> dict:
+    """What tiny_cpu.yml (written for tiny-moe, with Axolotl's own MoE settings: attention as modules,
+    the fused experts as `lora_target_parameters`) needs for `model`, and our router aux-loss
+    decision, passed through the model config (Axolotl adds that loss only where the forward does)."""
+    if model == "tiny-dense":
+        return {"lora_target_modules": list(ATTENTION_TARGETS + DENSE_MLP_TARGETS), "lora_target_parameters": None,
+                "model_config": None}
+    return {"model_config": {"output_router_logits": router_aux_loss_coef > 0,
+                             "router_aux_loss_coef": router_aux_loss_coef}}
+
+
+def aux_loss_settings(ours_summary: Path, axolotl_config: Path) -> dict:
+    """The router load-balancing loss each stack trained with, as each recorded it."""
+    ours = json.loads(ours_summary.read_text()).get("router_aux_loss") or {}
+    theirs = (yaml.safe_load(axolotl_config.read_text(encoding="utf-8")) or {}).get("model_config") or {}
+    return {"ours": f"coef {ours['coef']}" if ours.get("on") else "off" if ours.get("moe") else "dense model",
+            "axolotl": (f"coef {theirs.get('router_aux_loss_coef')}" if theirs.get("output_router_logits")
+                        else "off" if "output_router_logits" in theirs else "the checkpoint's config")}
+
+
+def run_axolotl_pair(out: Path, model: str, max_steps: int, eval_samples: int,
+                     router_aux_loss_coef: float = 0.0) -> dict:
     py = sys.executable
-    model_dir = tiny_model_dir(yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))["base_model"])
+    model_dir = tiny_model_dir(model)
     # Training only: both stacks are evaluated afterwards by the same evaluator.
-    changes = {"logging_steps": 1, **({"max_steps": max_steps, "save_steps": max_steps} if max_steps > 0 else {})}
+    changes = {"logging_steps": 1, **({"max_steps": max_steps, "save_steps": max_steps} if max_steps > 0 else {}),
+               **axolotl_model_changes(model, router_aux_loss_coef)}
     config = tiny_axolotl_training_config(out / "axolotl_config.yml", model_dir, out / "axolotl", **changes)
 
     step("data (tiny set, messages export)", [py, "-m", "data_tools", "axolotl-data", str(AXOLOTL_TINY)],
@@ -88,6 +112,7 @@ def run_axolotl_pair(out: Path, max_steps: int, eval_samples: int) -> dict:
     times = {
         "ours": step("train qwen_finetune.py --mode single", [py, "qwen_finetune.py", "--mode", "single",
                      "--preset", "tiny", "--overwrite", f"output_dir={out / 'ours'}", "gen_eval=false",
+                     f"model_name={model}", f"router_aux_loss_coef={router_aux_loss_coef}",
                      "logging_steps=1", "eval_steps=100000", "save_steps=100000", *ours_args(max_steps)],
                      out / "train_ours.log"),
         "axolotl": step("train Axolotl", [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)],
@@ -100,13 +125,17 @@ def run_axolotl_pair(out: Path, max_steps: int, eval_samples: int) -> dict:
     adapters = {"base": None, f"ours ({backend})": str(out / "ours" / "single" / "adapter"),
                 "axolotl": str(out / "axolotl")}
     summaries = {f"ours ({backend})": str(ours_summary), "axolotl": str(states[-1]) if states else None}
-    return _evaluate_and_compare(out, adapters, summaries, eval_samples, times, reference=f"ours ({backend})",
-                                 candidate="axolotl", learnt_check=True)
+    aux = aux_loss_settings(ours_summary, config)
+    return _evaluate_and_compare(out, model, adapters, summaries, eval_samples, times,
+                                 reference=f"ours ({backend})", candidate="axolotl", learnt_check=True,
+                                 notes=[f"Model: {model}. Router load-balancing loss: ours {aux['ours']}, "
+                                        f"Axolotl {aux['axolotl']}.\n"])
 
 
-def run_legacy_pair(out: Path, max_steps: int, eval_samples: int, max_train_samples: int) -> dict:
+def run_legacy_pair(out: Path, model: str, max_steps: int, eval_samples: int, max_train_samples: int) -> dict:
     py = sys.executable
     common = ["--preset", "tiny", "--backend", "hf", "--overwrite", "gen_eval=false", "logging_steps=1",
+              f"model_name={model}",
               "eval_steps=100000", "save_steps=100000", f"max_train_samples={max_train_samples}",
               *ours_args(max_steps)]
     times = {"legacy": step("train qwen_finetune_legacy.py", [py, "qwen_finetune_legacy.py", *common,
@@ -118,8 +147,8 @@ def run_legacy_pair(out: Path, max_steps: int, eval_samples: int, max_train_samp
     adapters = {"legacy": str(out / "legacy" / "stage2" / "adapter"),
                 "two-stage": str(out / "two-stage" / "stage2" / "adapter")}
     summaries = {name: str(out / name / "stage2" / "run_summary.json") for name in adapters}
-    result = _evaluate_and_compare(out, adapters, summaries, eval_samples, times, reference="legacy",
-                                   candidate="two-stage", learnt_check=False)
+    result = _evaluate_and_compare(out, model, adapters, summaries, eval_samples, times, reference="legacy",
+                                   candidate="two-stage", learnt_check=False, notes=[f"Model: {model}.\n"])
     same = all(cmp.losses_of(str(out / "legacy" / s / "run_summary.json"))
                == cmp.losses_of(str(out / "two-stage" / s / "run_summary.json")) for s in ("stage1", "stage2"))
     say(f"losses per step identical in both stages: {same}")
@@ -128,14 +157,15 @@ def run_legacy_pair(out: Path, max_steps: int, eval_samples: int, max_train_samp
     return result
 
 
-def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_samples: int, times: dict, *,
-                          reference: str, candidate: str, learnt_check: bool) -> dict:
+def _evaluate_and_compare(out: Path, model: str, adapters: dict, summaries: dict, eval_samples: int,
+                          times: dict, *, reference: str, candidate: str, learnt_check: bool,
+                          notes: list[str] = ()) -> dict:
     eval_file = str(REPO / "data" / "tiny" / "hawks_val_mixed.json")
     metrics, files = {}, {}
     for name, adapter in adapters.items():
         say(f"evaluate {name} on {eval_samples} validation records (shared evaluator)")
         folder = out / "eval" / name.split()[0]
-        metrics[name] = evaluate("tiny-dense", adapter, eval_file, folder, max_samples=eval_samples, seed=0)
+        metrics[name] = evaluate(model, adapter, eval_file, folder, max_samples=eval_samples, seed=0)
         files[name] = str(folder / "metrics.json")
     rows = cmp.compare(metrics[reference], metrics[candidate], dict(cmp.DEFAULT_TOLERANCES))
     learnt = {}
@@ -147,7 +177,7 @@ def _evaluate_and_compare(out: Path, adapters: dict, summaries: dict, eval_sampl
     table = headline_table(metrics)
     report = out / "parity_report.md"
     extra = [f"\n## All runs (headline metrics)\n\n{table}\n",
-             f"Training wall time (s): {', '.join(f'{k} {v:.0f}' for k, v in times.items())}\n"]
+             f"Training wall time (s): {', '.join(f'{k} {v:.0f}' for k, v in times.items())}\n", *notes]
     if learnt:
         extra.append("Gain over the untrained base (must be >= "
                      + ", ".join(f"{k} {v}" for k, v in LEARNT_MARGIN.items()) + "): "
@@ -172,16 +202,20 @@ def headline_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(preset: str, pair: str, out: Path, max_steps: int, eval_samples: int, max_train_samples: int) -> int:
+def run(preset: str, pair: str, out: Path, max_steps: int, eval_samples: int, max_train_samples: int,
+        model: str = "", router_aux_loss_coef: float = 0.0) -> int:
     if preset != "tiny":
         raise DataError(f"preset '{preset}': `run` is the CPU loop on the tiny preset; on GPUs run the two "
                         "stacks with their configs, then `parity.py evaluate` and `compare`")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    model = model or PRESETS["tiny"]["model_name"]
+    if model not in TINY_MODELS:
+        raise DataError(f"--model {model}: `run` trains the tiny models only ({', '.join(TINY_MODELS)})")
     if pair == "axolotl":
-        result = run_axolotl_pair(out, max_steps, eval_samples)
+        result = run_axolotl_pair(out, model, max_steps, eval_samples, router_aux_loss_coef)
     else:
-        result = run_legacy_pair(out, max_steps, eval_samples, max_train_samples)
+        result = run_legacy_pair(out, model, max_steps, eval_samples, max_train_samples)
     (out / "parity_result.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     verdict = "PASS" if result["ok"] else "FAIL"
     say(f"{verdict} ({pair} pair) in {time.perf_counter() - start:.0f}s; report: {result['report']}")

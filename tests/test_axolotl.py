@@ -43,6 +43,8 @@ def test_check_reports_every_problem_of_the_seed_plan(tmp_path, axolotl_ready):
     assert "optimizer.params.lr is fixed at 0.0002" in errors
     assert "datasets[0].field_instruction: not a dataset key" in errors
     assert "trust_remote_code" in result.stdout  # a warning, not an error
+    assert any("model_config: the MoE router load-balancing loss is left to the checkpoint" in line
+               for line in problem_lines(result, "warning"))
     # One line per problem, and a count at the end.
     assert result.stdout.strip().splitlines()[-1].endswith(
         f"{len(problem_lines(result))} error(s), {len(problem_lines(result, 'warning'))} warning(s)")
@@ -64,6 +66,7 @@ def test_shipped_production_configs_pass_the_check(name, axolotl_ready):
     result = check(CONFIGS / name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert problem_lines(result) == []
+    assert not any("model_config" in line for line in problem_lines(result, "warning"))  # aux loss stated
 
 
 def test_check_reports_a_plugin_that_rejects_the_config(tmp_path, axolotl_ready):

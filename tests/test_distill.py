@@ -99,10 +99,12 @@ def test_distillation_off_is_the_plain_run_and_on_starts_at_zero_kl(tmp_path):
 
 def test_two_stage_4bit_unsloth_with_distillation_rehearsal_and_forgetting(tmp_path):
     """Both stages on the 4-bit base (the teacher is the 4-bit base), Unsloth backend, rehearsal text mixed in,
-    and the forgetting measure on the held-out general text."""
+    and the forgetting measure on the held-out general text; on the MoE (4-bit experts), with a generation
+    eval mid-stage and the router aux loss on."""
     result = ok(train("--mode", "two-stage", "--backend", "unsloth", "output_dir=out", *SMALL,
                       "distill_lambda=0.5", "rehearsal_data=data/tiny/general_text.jsonl", "rehearsal_ratio=0.2",
-                      "general_eval_samples=16", cwd=tmp_path))
+                      "general_eval_samples=16", "model_name=tiny-moe", "eval_steps=2", "gen_eval_max_samples=4",
+                      "router_aux_loss_coef=0.001", cwd=tmp_path))
     assert "rehearsal: 12 text examples" in result.stdout
     for stage in ("stage1", "stage2"):
         s = summary(tmp_path / "out", stage)
@@ -110,6 +112,9 @@ def test_two_stage_4bit_unsloth_with_distillation_rehearsal_and_forgetting(tmp_p
         assert s["data"]["sources"]["rehearsal"] == 12  # round(0.2 / 0.8 * 48)
         assert s["data"]["general"]["heldout_examples"] == 16
         assert s["distill_losses"][0][2] == 0.0 if stage == "stage1" else s["distill_losses"][0][2] > 0
+        assert set(s["weight_storage_bytes"]["experts"]) == {"4bit"}
+        assert len(s["router_aux_loss"]["aux_losses"]) == 3
+        assert (tmp_path / "out" / stage / "gen_metrics_step2.json").is_file()
         m = s["metrics"]
         assert m["general_eval_examples"] == 16
         assert m["general_loss_increase"] == pytest.approx(m["general_loss_tuned"] - m["general_loss_base"], abs=1e-5)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,14 +86,6 @@ def test_same_seed_gives_same_losses(single_hf, tmp_path):
     assert summary(cwd / "seed2")["train_losses"] != first
 
 
-def test_unsloth_backend_on_cpu(tmp_path):
-    ok(train("--mode", "single", "--backend", "unsloth", "output_dir=out", "gen_eval=false", *SMALL,
-             cwd=tmp_path))
-    s = summary(tmp_path / "out")
-    assert s["backend"] == "unsloth" and s["libraries"]["unsloth"]
-    assert s["train_losses"][-1][1] < s["train_losses"][0][1] + 1.0
-
-
 def _lora_tensors(adapter: Path, needle: str) -> dict:
     return {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if needle in k}
 
@@ -151,10 +144,16 @@ def test_target_that_matches_nothing_is_an_error(tmp_path):
 
 
 def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
-    args = ("--mode", "two-stage", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL)
+    """On the MoE, 4-bit experts included, with a generation eval mid-stage."""
+    args = ("--mode", "two-stage", "--backend", "hf", "output_dir=out", *SMALL, "model_name=tiny-moe",
+            "eval_steps=2", "gen_eval_max_samples=4")
     first = ok(train(*args, cwd=tmp_path))
     s1, s2 = summary(tmp_path / "out", "stage1"), summary(tmp_path / "out", "stage2")
     assert s1["global_step"] == 3 and s2["global_step"] == 3
+    for s, stage in ((s1, "stage1"), (s2, "stage2")):
+        assert set(s["weight_storage_bytes"]["experts"]) == {"4bit"}  # QLoRA quantizes the experts too
+        assert (tmp_path / "out" / stage / "gen_metrics_step2.json").is_file()
+    assert "experts 4bit" in first.stdout
     assert s1["data"]["train_file"].endswith("hawks_train.json")
     assert s2["data"]["train_file"].endswith("hawks_train_curriculum.json")
     assert "stage1: 3 steps" in first.stdout and "stage2: 3 steps" in first.stdout
@@ -170,6 +169,15 @@ def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
     # through a fresh fp32 PEFT model, and the run starts from a different process state)
     rerun = summary(tmp_path / "out", "stage2")["train_losses"]
     assert abs(rerun[0][1] - s2["train_losses"][0][1]) < 0.01 * s2["train_losses"][0][1]
+
+    # the 4-bit MoE adapter merges into the bf16 base: the experts come out dense and the model answers
+    from transformers import AutoModelForCausalLM
+
+    ok(train("export", "--adapter", str(tmp_path / "out" / "stage2" / "adapter"), "--out", "merged", "--merge",
+             cwd=tmp_path))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    experts = merged.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.ndim == 3
 
 
 def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path):
@@ -208,13 +216,21 @@ def test_watchdog_dumps_every_thread_stack_when_a_step_stalls(tmp_path):
     assert summary(tmp_path / "out")["global_step"] == 3  # it kept running
 
 
-def test_torchrun_two_processes(tmp_path):
-    result = ok(train("--mode", "single", "output_dir=out", "gen_eval_max_samples=4", *SMALL, cwd=tmp_path,
-                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                "--standalone"]))
+def test_torchrun_two_processes_on_the_moe_with_generation_eval(tmp_path):
+    """The user's launch: torchrun, the MoE, a generation eval mid-run (each rank generates its shard,
+    padded batches) with the router aux loss on."""
+    result = ok(train("--mode", "single", "output_dir=out", *SMALL, "model_name=tiny-moe", "eval_steps=2",
+                      "gen_eval_max_samples=6", "gen_eval_batch_size=2", "router_aux_loss_coef=0.001",
+                      cwd=tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                              "--standalone"]))
     s = summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["backend"] == "hf"  # Unsloth's CPU path is single-process
-    assert s["global_step"] == 3
+    assert "Unsloth's CPU fallback runs one process only" in result.stdout  # auto says why it is not Unsloth
+    assert s["global_step"] == 3 and s["router_aux_loss"]["on"]
+    for step in (2, 3):  # mid-run and at the end, all 6 records gathered from both ranks
+        metrics = json.loads((tmp_path / "out" / "single" / f"gen_metrics_step{step}.json").read_text())
+        assert metrics["gen_num_examples"] == 6
+    assert [a[0] for a in s["router_aux_loss"]["aux_losses"]] == [1, 2, 3]
     assert result.stdout.count("=== run summary ===") == 1  # only rank 0 prints and writes
 
 

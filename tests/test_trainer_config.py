@@ -20,7 +20,7 @@ def resolve_with(*items, mode="single", preset="tiny", config_file=None, flags=N
 
 def test_layers_apply_in_order(tmp_path):
     cfg = resolve_with()
-    assert cfg.model_name == "tiny-dense" and cfg.dtype == "float32" and not cfg.load_in_4bit
+    assert cfg.model_name == "tiny-moe" and cfg.dtype == "float32" and not cfg.load_in_4bit
     two = resolve_with(mode="two-stage")
     assert two.load_in_4bit and two.dtype == "bfloat16"
     yaml_file = tmp_path / "c.yaml"

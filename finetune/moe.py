@@ -1,0 +1,58 @@
+"""The MoE router load-balancing loss as a decision of this project, not of the checkpoint.
+
+TRL's SFTTrainer adds `router_aux_loss_coef * aux_loss` to the loss of a MoE
+model and, left alone, takes the coefficient from the checkpoint's config
+(0.001 for Qwen3-MoE). We always pass `router_aux_loss_coef` from our config
+(default 0: see finetune/config.py), report it, and log the task loss apart
+from the aux loss so that losses stay comparable with Axolotl's.
+"""
+
+from __future__ import annotations
+
+from finetune.config import ConfigError
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pure helpers stay importable
+    TrainerCallback = object
+
+
+def is_moe(model_config) -> bool:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return hasattr(text, "output_router_logits")
+
+
+def router_aux_loss_setting(cfg, model_config) -> dict:
+    """What the run does with the load-balancing loss (dry-run report, run summary)."""
+    if not is_moe(model_config):
+        if cfg.router_aux_loss_coef:
+            raise ConfigError(f"router_aux_loss_coef={cfg.router_aux_loss_coef} applies to mixture-of-experts "
+                              f"models only; {cfg.model_name} is dense. Set router_aux_loss_coef=0")
+        return {"moe": False, "on": False, "coef": 0.0}
+    text = model_config.get_text_config()
+    return {"moe": True, "on": cfg.router_aux_loss_coef > 0, "coef": cfg.router_aux_loss_coef,
+            "checkpoint_coef": getattr(text, "router_aux_loss_coef", None)}
+
+
+def task_loss(loss: float, aux_loss: float, coef: float) -> float:
+    """TRL logs `loss` = task loss + coef * aux_loss (both averaged over the same logging window)."""
+    return loss - coef * aux_loss
+
+
+class TaskLossCallback(TrainerCallback):
+    """Adds `loss_task` (and `eval_loss_task`) next to TRL's `loss` / `aux_loss`, for the loggers
+    that follow it and for the log history the run summary reads."""
+
+    def __init__(self, coef: float):
+        self.coef = coef
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        added = {}
+        for prefix in ("", "eval_"):
+            if f"{prefix}loss" in logs and f"{prefix}aux_loss" in logs and f"{prefix}loss_task" not in logs:
+                added[f"{prefix}loss_task"] = task_loss(logs[f"{prefix}loss"], logs[f"{prefix}aux_loss"], self.coef)
+        logs.update(added)
+        if added and state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)

@@ -1,0 +1,147 @@
+"""The user's architecture, run the way the user runs it: the tiny Qwen3-MoE with generation
+evaluation during training (batch > 1, left padding), on both backends.
+
+The router load-balancing loss is switched on here (the checkpoint's 0.001): that is the setting
+under which `generate` used to fail at the first evaluation (transformers#42100), and the one where
+the aux loss must be logged apart from the task loss and added the same way with distillation.
+"""
+
+import json
+
+import pytest
+
+from test_trainer import ok, summary, train
+
+MOE = ["model_name=tiny-moe", "max_train_samples=16", "max_steps=3", "eval_steps=1", "save_steps=3",
+       "eval_max_samples=8", "gen_eval_max_samples=6", "gen_eval_batch_size=4", "micro_batch_size=4",
+       "logging_steps=1", "router_aux_loss_coef=0.001"]
+
+
+def assert_moe_stage(out, stage: str, backend: str, steps: int = 3) -> dict:
+    s = summary(out, stage)
+    assert s["backend"] == backend and s["global_step"] == steps
+    # a generation eval after every step, mid-training included, on a padded batch
+    for step in range(1, steps + 1):
+        metrics = json.loads((out / stage / f"gen_metrics_step{step}.json").read_text())
+        assert metrics["gen_num_examples"] == 6
+    assert "gen_json_parse_rate" in s["metrics"]
+    aux = s["router_aux_loss"]
+    assert aux["moe"] and aux["on"] and aux["coef"] == 0.001 and aux["checkpoint_coef"] == 0.001
+    # logged apart from the task loss: loss = task + coef * aux at every logged step
+    assert [a[0] for a in aux["aux_losses"]] == list(range(1, steps + 1))
+    losses = dict(s["train_losses"])
+    for step, task, value in aux["aux_losses"]:
+        assert value > 0.5  # top-2 of 8 experts: about 2 when balanced
+        assert losses[step] == pytest.approx(task + 0.001 * value, rel=1e-4)
+    assert s["metrics"]["eval_aux_loss"] > 0.5
+    assert s["metrics"]["eval_loss_task"] == pytest.approx(
+        s["metrics"]["eval_loss"] - 0.001 * s["metrics"]["eval_aux_loss"], rel=1e-4)
+    return s
+
+
+@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, backend):
+    """The user's command on the MoE: no crash at the evaluations, and after each generation eval the
+    model trains as before it: gradient checkpointing, train mode, the tokenizer's padding side."""
+    result = ok(train("--mode", "single", "--backend", backend, "output_dir=out", *MOE,
+                      "gradient_checkpointing=true", "extra_callbacks=trainer_hooks.RecordTrainingState",
+                      cwd=tmp_path))
+    s = assert_moe_stage(tmp_path / "out", "single", backend)
+    if backend == "unsloth":
+        assert s["libraries"]["unsloth"]
+    assert s["train_losses"][-1][1] < s["train_losses"][0][1] + 1.0  # trains, does not diverge
+    assert "router aux loss coef 0.001" in result.stdout and f"backend: {backend}" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out" / "single" / "training_state.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    before = {k: v for k, v in rows[0].items() if k != "step"}
+    assert any(v > 0 for k, v in before["checkpointing"].items() if k != "False"), before  # it is on
+    for later in rows[1:]:  # steps 2 and 3 follow a generation eval
+        assert {k: v for k, v in later.items() if k != "step"} == before
+    saved = json.loads((tmp_path / "out" / "single" / "adapter" / "tokenizer_config.json").read_text())
+    assert saved.get("padding_side", "right") == before["padding_side"]
+
+
+def test_moe_distillation_adds_the_router_loss_like_the_plain_run(tmp_path):
+    """distill_lambda > 0: loss = task + lambda * KL + coef * aux; step 1's KL is 0 (B = 0)."""
+    ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *MOE, "distill_lambda=0.1", cwd=tmp_path))
+    s = summary(tmp_path / "out")
+    parts = {step: (task, kl) for step, task, kl in s["distill_losses"]}
+    aux = {step: value for step, _, value in s["router_aux_loss"]["aux_losses"]}
+    assert parts[1][1] == 0.0 and parts[3][1] > 0
+    for step, loss in s["train_losses"]:
+        task, kl = parts[step]
+        assert aux[step] > 0.5
+        assert loss == pytest.approx(task + 0.1 * kl + 0.001 * aux[step], rel=1e-4)
+    assert (tmp_path / "out" / "single" / "gen_metrics_step2.json").is_file()
+
+
+def test_router_aux_loss_is_off_by_default_and_refused_on_a_dense_model(tmp_path):
+    dry = ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", cwd=tmp_path))
+    report = json.loads(dry.stdout.strip().splitlines()[-1])
+    assert report["router_aux_loss"] == {"moe": True, "on": False, "coef": 0.0, "checkpoint_coef": 0.001}
+    assert "load-balancing aux loss off" in dry.stdout
+    on = json.loads(ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", "router_aux_loss_coef=0.01",
+                             cwd=tmp_path)).stdout.strip().splitlines()[-1])
+    assert on["router_aux_loss"]["on"] and on["router_aux_loss"]["coef"] == 0.01
+    dense = train("--mode", "single", "model_name=tiny-dense", "--dry-run", "router_aux_loss_coef=0.001",
+                  cwd=tmp_path)
+    assert dense.returncode == 1 and "Traceback" not in dense.stderr
+    assert "mixture-of-experts models only" in dense.stderr
+
+
+def test_4bit_load_stores_the_experts_in_4bit_and_trains_their_lora(tmp_path, monkeypatch):
+    """load_in_4bit through the trainer's own loading code: the fused experts (3-D parameters that
+    transformers' bitsandbytes path leaves alone) are NF4 too, the model still computes the same
+    function, and LoRA on them trains while their storage stays frozen 4-bit."""
+    import torch
+
+    from data_tools.synth import generate
+    from finetune.config import resolve
+    from finetune.lora import count_parameters, plan_targets
+    from finetune.model import add_lora, load_base
+    from finetune.quant_experts import storage_by_category
+    from test_distill import batch_of
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve("two-stage", "tiny", None, {"model_name": "tiny-moe", "eval_file": ""}, {}, None)
+    assert cfg.load_in_4bit and cfg.dtype == "bfloat16"
+    quantized, tokenizer = load_base(cfg, "hf")
+    plain, _ = load_base(resolve("single", "tiny", None, {"model_name": "tiny-moe", "eval_file": "",
+                                                          "dtype": "bfloat16"}, {}, None), "hf")
+    storage = storage_by_category(quantized)
+    assert set(storage["experts"]) == {"4bit"} and set(storage["attention"]) == {"4bit"}
+    assert storage["experts"]["4bit"] < 0.3 * storage_by_category(plain)["experts"]["bfloat16"]
+    assert count_parameters(quantized)["total"] == count_parameters(plain)["total"]  # packed: 2 per byte
+
+    inputs, labels = batch_of(tokenizer, generate(0, "train", "positive", 2) + generate(0, "train", "negative", 1))
+    with torch.no_grad():
+        got, want = quantized(**inputs).logits.float(), plain(**inputs).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 0.1  # NF4 noise, not a different function
+
+    model = add_lora(quantized, cfg, "hf", plan_targets(quantized, cfg))
+    model.train()
+    for _ in range(2):  # B starts at 0: A gets its gradient from the second step on
+        model(**inputs, labels=labels).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.01 * p.grad
+    expert_lora = {n: p for n, p in model.named_parameters() if "experts" in n and "lora_" in n}
+    assert expert_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert_lora.values())
+    packed = [p for n, p in model.named_parameters() if "experts" in n and "lora_" not in n]
+    assert packed and all(p.dtype == torch.uint8 and not p.requires_grad and p.grad is None for p in packed)
+
+
+def test_dry_run_memory_follows_the_storage_of_each_category(tmp_path):
+    reports = {}
+    for mode in ("single", "two-stage"):
+        result = ok(train("--mode", mode, "model_name=tiny-moe", "--dry-run", "dtype=bfloat16", cwd=tmp_path))
+        reports[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+        assert "weights      " in result.stdout and "experts " in result.stdout
+    bf16, nf4 = reports["single"]["weight_storage_bytes"], reports["two-stage"]["weight_storage_bytes"]
+    assert set(bf16["experts"]) == {"bfloat16"} and set(nf4["experts"]) == {"4bit"}
+    assert set(nf4["attention"]) == {"4bit"} and "4bit" not in nf4["embeddings"] and "4bit" not in nf4["router"]
+    # 4 bits + block scales against 16 bits: about 3.9x less for the quantized parts
+    assert nf4["experts"]["4bit"] == pytest.approx(bf16["experts"]["bfloat16"] * (0.5 + 1 / 64) / 2, rel=0.01)
+    weights = {mode: reports[mode]["memory_estimate_gib_per_device"]["weights"] for mode in reports}
+    assert weights["two-stage"] < 0.5 * weights["single"]
