@@ -16,6 +16,7 @@ identical, and so must the metrics.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -96,13 +97,26 @@ def aux_loss_settings(ours_summary: Path, axolotl_config: Path) -> dict:
                         else "off" if "output_router_logits" in theirs else "the checkpoint's config")}
 
 
+def tiny_warmup_steps(max_steps: int) -> int:
+    """Our trainer's warm-up steps on the tiny preset: transformers rounds warmup_ratio x steps up."""
+    from data_tools.records import load_records
+
+    tiny = PRESETS["tiny"]
+    steps = max_steps if max_steps > 0 else math.ceil(
+        len(load_records(str(REPO / tiny["train_file"]))) / tiny["micro_batch_size"] * tiny["num_epochs"])
+    return math.ceil(tiny["warmup_ratio"] * steps)
+
+
 def run_axolotl_pair(out: Path, model: str, max_steps: int, eval_samples: int,
                      router_aux_loss_coef: float = 0.0) -> dict:
     py = sys.executable
     model_dir = tiny_model_dir(model)
-    # Training only: both stacks are evaluated afterwards by the same evaluator.
+    # Training only: both stacks are evaluated afterwards by the same evaluator. Both start from the same
+    # seeded LoRA init and warm up for as many steps (Axolotl rounds warmup_ratio x steps down, we up).
     changes = {"logging_steps": 1, **({"max_steps": max_steps, "save_steps": max_steps} if max_steps > 0 else {}),
-               **axolotl_model_changes(model, router_aux_loss_coef)}
+               **axolotl_model_changes(model, router_aux_loss_coef),
+               "plugins": ["callbacks.axolotl_plugins.SeededLoraInitPlugin"],
+               "warmup_ratio": None, "warmup_steps": tiny_warmup_steps(max_steps)}
     config = tiny_axolotl_training_config(out / "axolotl_config.yml", model_dir, out / "axolotl", **changes)
 
     step("data (tiny set, messages export)", [py, "-m", "data_tools", "axolotl-data", str(AXOLOTL_TINY)],

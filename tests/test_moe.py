@@ -75,20 +75,6 @@ def test_moe_distillation_adds_the_router_loss_like_the_plain_run(tmp_path):
     assert (tmp_path / "out" / "single" / "gen_metrics_step2.json").is_file()
 
 
-def test_router_aux_loss_is_off_by_default_and_refused_on_a_dense_model(tmp_path):
-    dry = ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", cwd=tmp_path))
-    report = json.loads(dry.stdout.strip().splitlines()[-1])
-    assert report["router_aux_loss"] == {"moe": True, "on": False, "coef": 0.0, "checkpoint_coef": 0.001}
-    assert "load-balancing aux loss off" in dry.stdout
-    on = json.loads(ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", "router_aux_loss_coef=0.01",
-                             cwd=tmp_path)).stdout.strip().splitlines()[-1])
-    assert on["router_aux_loss"]["on"] and on["router_aux_loss"]["coef"] == 0.01
-    dense = train("--mode", "single", "model_name=tiny-dense", "--dry-run", "router_aux_loss_coef=0.001",
-                  cwd=tmp_path)
-    assert dense.returncode == 1 and "Traceback" not in dense.stderr
-    assert "mixture-of-experts models only" in dense.stderr
-
-
 def test_4bit_load_stores_the_experts_in_4bit_and_trains_their_lora(tmp_path, monkeypatch):
     """load_in_4bit through the trainer's own loading code: the fused experts (3-D parameters that
     transformers' bitsandbytes path leaves alone) are NF4 too, the model still computes the same
@@ -132,12 +118,16 @@ def test_4bit_load_stores_the_experts_in_4bit_and_trains_their_lora(tmp_path, mo
     assert packed and all(p.dtype == torch.uint8 and not p.requires_grad and p.grad is None for p in packed)
 
 
-def test_dry_run_memory_follows_the_storage_of_each_category(tmp_path):
+def test_dry_run_reports_aux_loss_and_the_storage_of_each_category(tmp_path):
+    """--dry-run on the MoE: the router aux loss (off by default, the checkpoint's value not used; refused on
+    a dense model) and the weights as they will be stored, per category, in bf16 and in 4-bit."""
     reports = {}
     for mode in ("single", "two-stage"):
         result = ok(train("--mode", mode, "model_name=tiny-moe", "--dry-run", "dtype=bfloat16", cwd=tmp_path))
         reports[mode] = json.loads(result.stdout.strip().splitlines()[-1])
         assert "weights      " in result.stdout and "experts " in result.stdout
+        assert "load-balancing aux loss off" in result.stdout
+    assert reports["single"]["router_aux_loss"] == {"moe": True, "on": False, "coef": 0.0, "checkpoint_coef": 0.001}
     bf16, nf4 = reports["single"]["weight_storage_bytes"], reports["two-stage"]["weight_storage_bytes"]
     assert set(bf16["experts"]) == {"bfloat16"} and set(nf4["experts"]) == {"4bit"}
     assert set(nf4["attention"]) == {"4bit"} and "4bit" not in nf4["embeddings"] and "4bit" not in nf4["router"]
@@ -145,3 +135,8 @@ def test_dry_run_memory_follows_the_storage_of_each_category(tmp_path):
     assert nf4["experts"]["4bit"] == pytest.approx(bf16["experts"]["bfloat16"] * (0.5 + 1 / 64) / 2, rel=0.01)
     weights = {mode: reports[mode]["memory_estimate_gib_per_device"]["weights"] for mode in reports}
     assert weights["two-stage"] < 0.5 * weights["single"]
+
+    dense = train("--mode", "single", "model_name=tiny-dense", "--dry-run", "router_aux_loss_coef=0.001",
+                  cwd=tmp_path)
+    assert dense.returncode == 1 and "Traceback" not in dense.stderr
+    assert "mixture-of-experts models only" in dense.stderr
