@@ -171,9 +171,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
             f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
             f"token length percentiles: {lengths['tokens']}")
     watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out)
-    # TaskLossCallback first: the loggers after it see loss_task next to TRL's aux_loss
-    trainer_callbacks = [TaskLossCallback(model_info["router_aux_loss"]["coef"]), watchdog]
-    trainer_callbacks += [_import_object(path)() for path in cfg.extra_callbacks]
+    trainer_callbacks = [watchdog] + [_import_object(path)() for path in cfg.extra_callbacks]
     gen_eval = None
     if cfg.gen_eval and eval_records:
         gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
@@ -200,6 +198,8 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
                               rehearsal_text)
     if gen_eval is not None:
         gen_eval.trainer = trainer
+    # First of all callbacks, before transformers' report_to loggers: they all see loss_task next to aux_loss
+    trainer.callback_handler.callbacks.insert(0, TaskLossCallback(model_info["router_aux_loss"]["coef"]))
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint:
         say(f"{stage.name}: resuming from {checkpoint}")

@@ -84,8 +84,11 @@ def estimate_memory_gib(cfg: FinetuneConfig, model_config, storage: dict, traina
         dtype_bytes = 4 if cfg.dtype == "float32" else 2
         parts["distill_teacher"] = batch * seq * text.vocab_size * (dtype_bytes + 4 * 2) \
             + batch * seq * hidden * 2 * 20
-    parts = {k: round(v / GIB, 2) for k, v in parts.items()}
+    parts = {k: round(v / GIB, 4) for k, v in parts.items()}
     parts["total"] = round(sum(parts.values()), 1)
+    experts = storage.get("experts", {}).get("4bit", 0)
+    if experts:  # loaded in the 16-bit compute dtype first, quantized after loading (finetune/quant_experts.py)
+        parts["weights_while_loading"] = round((weights - experts + experts / NF4_BYTES_PER_WEIGHT * 2) / GIB, 4)
     return parts
 
 
@@ -143,6 +146,9 @@ def preflight(cfg: FinetuneConfig) -> int:
     print(f"weights      {describe_storage(storage)}")
     print("memory/dev   ~{total} GiB (rough: weights {weights}, LoRA state {lora_params_grads_optimizer}, "
           "activations {activations}, logits {logits}, overhead {runtime_overhead})".format(**memory))
+    if "weights_while_loading" in memory:
+        print(f"loading      the MoE experts load in {cfg.dtype} and are quantized after loading: weights peak at "
+              f"~{memory['weights_while_loading']} GiB per device before they drop to {memory['weights']} GiB")
     if "distill_teacher" in memory:
         print(f"distillation teacher pass: +{memory['distill_teacher']} GiB (its logits and the KL's "
               "softmaxes, upper bound; no second copy of the weights: the teacher is the adapter-disabled model)")
