@@ -55,21 +55,22 @@ def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: i
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(records)
     try:
-        batches = range(0, len(order), batch_size)
-        for start in tqdm(batches, desc="generation eval", unit="batch", disable=not progress):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            with torch.inference_mode(), without_router_logits(model):
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                     temperature=None, top_p=None, top_k=None)
-            new = out[:, enc["input_ids"].shape[1]:]
-            for row, i in enumerate(idx):
-                tokens = new[row].tolist()
-                stopped = any(t in stop_ids for t in tokens)
-                results[i] = {"prediction": tokenizer.decode(tokens, skip_special_tokens=True),
-                              "truncated": not stopped and len(tokens) >= max_new_tokens}
+        with without_router_logits(model):  # once per call: the walk over modules is not free
+            batches = range(0, len(order), batch_size)
+            for start in tqdm(batches, desc="generation eval", unit="batch", disable=not progress):
+                idx = order[start:start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+                with torch.inference_mode():
+                    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                         temperature=None, top_p=None, top_k=None)
+                new = out[:, enc["input_ids"].shape[1]:]
+                for row, i in enumerate(idx):
+                    tokens = new[row].tolist()
+                    stopped = any(t in stop_ids for t in tokens)
+                    results[i] = {"prediction": tokenizer.decode(tokens, skip_special_tokens=True),
+                                  "truncated": not stopped and len(tokens) >= max_new_tokens}
     finally:
         tokenizer.padding_side = padding_side
     return results  # type: ignore[return-value]

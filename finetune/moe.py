@@ -34,6 +34,13 @@ def router_aux_loss_setting(cfg, model_config) -> dict:
             "checkpoint_coef": getattr(text, "router_aux_loss_coef", None)}
 
 
+def describe(setting: dict) -> str:
+    """One line for a MoE's setting (start-up output and --dry-run)."""
+    state = f"on, coef {setting['coef']}" if setting["on"] else "off"
+    return (f"load-balancing aux loss {state} (router_aux_loss_coef; the checkpoint's value "
+            f"{setting['checkpoint_coef']} is not used)")
+
+
 def task_loss(loss: float, aux_loss: float, coef: float) -> float:
     """TRL logs `loss` = task loss + coef * aux_loss (both averaged over the same logging window)."""
     return loss - coef * aux_loss

@@ -21,6 +21,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.forgetting import measure_forgetting
 from finetune.moe import TaskLossCallback, router_aux_loss_setting
+from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import plan_general, text_rows
 from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete, is_rank_zero,
                              latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
@@ -106,8 +107,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     aux = router_aux_loss_setting(cfg, model.config)
     model_info = {"router_aux_loss": aux, "weight_storage": storage}
     if aux["moe"]:
-        say(f"MoE router load-balancing loss: {'on, coef ' + str(aux['coef']) if aux['on'] else 'off'} "
-            f"(router_aux_loss_coef; the checkpoint's own value {aux['checkpoint_coef']} is not used)")
+        say(f"MoE router {describe_aux_loss(aux)}")
 
     parent = None
     if cfg.mlflow and len(stages) > 1:  # two-stage: the stages are nested runs under one parent

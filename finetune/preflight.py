@@ -13,6 +13,7 @@ from finetune import config as config_mod
 from finetune.config import FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.lora import CATEGORIES, count_parameters, plan_targets
+from finetune.moe import describe as describe_aux_loss
 from finetune.moe import router_aux_loss_setting
 from finetune.quant_experts import describe_storage
 from finetune.stages import stages_for
@@ -134,8 +135,7 @@ def preflight(cfg: FinetuneConfig) -> int:
     print(f"router       {report['lora_targets']['router']}")
     aux = report["router_aux_loss"]
     if aux["moe"]:
-        print(f"router loss  load-balancing aux loss {'on, coef ' + str(aux['coef']) if aux['on'] else 'off'} "
-              f"(router_aux_loss_coef; checkpoint's value {aux['checkpoint_coef']} not used)")
+        print(f"router loss  {describe_aux_loss(aux)}")
     share = counts["trainable"] / max(base_counts["total"], 1)
     print(f"trainable    {counts['trainable']:,} ({share:.3%} of the base)")
     for cat in CATEGORIES:
