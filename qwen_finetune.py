@@ -4,7 +4,8 @@
     python qwen_finetune.py --mode two-stage --preset tiny
     torchrun --nproc_per_node=4 qwen_finetune.py --mode single --preset qwen3-30b-a3b \\
         --deepspeed deepspeed_configs/zero2.json
-    python qwen_finetune.py --preset qwen3-30b-a3b --dry-run  # preflight report, no training
+    python qwen_finetune.py --preset qwen3-30b-a3b --dry-run --nproc 4 \\
+        --deepspeed deepspeed_configs/zero2.json             # preflight report, no training
     python qwen_finetune.py export --adapter outputs/tiny/single/adapter --out exported --merge
 
 Modes: `single` = bf16 LoRA, one stage over the negative-sampled mix;

@@ -2,6 +2,7 @@
 dense Qwen3 of ~0.6B, bf16 LoRA vs 4-bit QLoRA, Unsloth vs hf backend.
 
     .venv/bin/python bench/gpu.py [--moe-layers 8] [--steps 30] [--micro-batch 4] [--only moe dense]
+                                  [--backends unsloth hf] [--gen-eval-batch 4]
 
 Needs an NVIDIA GPU; elsewhere it says so and exits 0. Steps:
 1. Library checks on the GPU: bitsandbytes 4-bit (a Linear4bit forward against
@@ -16,10 +17,18 @@ Needs an NVIDIA GPU; elsewhere it says so and exits 0. Steps:
 4. For each model, `bf16-lora` (mode single: attention + experts/MLP) and
    `qlora-4bit` (load_in_4bit: what each two-stage stage runs), on each
    backend: one real `qwen_finetune.py` process of `--steps` optimizer steps
-   over the tiny mix, timed by bench/step_timer.py. Tokens/s counts the real
-   tokens after the first step (TRL's `num_tokens`) over the time after it;
-   MFU = 4 x active parameters x tokens/s / measured bf16 rate (a LoRA step:
-   forward 2N, backward to the activations 2N, no weight gradients).
+   over the tiny mix, timed by bench/step_timer.py, with the user's generation
+   eval on (batches of `--gen-eval-batch`, left-padded) mid-run and at the end,
+   so memory and any after-effect of the switch to inference are in the figures.
+   Each row is labelled by what the run really stored in 4-bit, read from its
+   `run_summary.json` (`weight_storage_bytes`), not by what was asked for.
+   Tokens/s counts the real tokens (TRL's `num_tokens`) of the steps after the
+   first, leaving out the step that follows an evaluation (the evaluation runs
+   between two steps); the evaluations' own seconds (eval loss + generation,
+   all of them) are the run summary's `phase_seconds`, where it has them
+   ("-" where not). MFU = 4 x active parameters x tokens/s /
+   measured bf16 rate (a LoRA step: forward 2N, backward to the activations
+   2N, no weight gradients).
 
 Prints a table and appends it to bench/RESULTS.md with the GPU and versions.
 """
@@ -48,6 +57,8 @@ DENSE_0_6B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hid
               "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
               "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
               "torch_dtype": "bfloat16"}
+# what a row is labelled by (weight_storage_bytes' categories; "other" is the norms, "lora" the adapter)
+STORAGE_CATEGORIES = ("attention", "dense_mlp", "experts", "router", "embeddings")
 
 
 def library_checks() -> dict:
@@ -110,6 +121,11 @@ def bf16_matmul_flops() -> float:
     return statistics.median(rates)
 
 
+def moe_config(layers: int) -> dict:
+    """Qwen3-30B-A3B's config (widths, 128 experts, top-8) with only `layers` of its 48 layers."""
+    return {**json.loads(MOE_CONFIG.read_text()), "num_hidden_layers": layers, "max_window_layers": layers}
+
+
 def build_model(out: Path, config: dict) -> dict:
     """Random weights in bf16, saved with the tiny tokenizer; returns total and active parameters."""
     import torch
@@ -127,10 +143,19 @@ def build_model(out: Path, config: dict) -> dict:
     return {"total": total, "active": total - experts + int(experts * share)}
 
 
+def storage_label(storage: dict) -> str:
+    """What a run stored each part as, e.g. "attention 4bit, experts 4bit, router bfloat16, ...", from
+    its run_summary.json `weight_storage_bytes` ({category: {kind: bytes}})."""
+    return ", ".join(f"{cat} {'+'.join(sorted(storage[cat]))}" for cat in STORAGE_CATEGORIES if storage.get(cat))
+
+
 def train_once(model_dir: Path, variant: str, backend: str, args, work: Path) -> dict:
     out = work / f"run-{time.monotonic_ns()}"
+    eval_steps = args.steps // 2  # one evaluation mid-run, one at the end
     cmd = [sys.executable, str(REPO / "qwen_finetune.py"), "--mode", "single", "--preset", "tiny",
-           "--backend", backend, f"model_name={model_dir}", f"output_dir={out}", "eval_file=", "gen_eval=false",
+           "--backend", backend, f"model_name={model_dir}", f"output_dir={out}", "gen_eval=true",
+           f"eval_steps={eval_steps}", f"eval_max_samples={2 * args.gen_eval_batch}",
+           f"gen_eval_max_samples={2 * args.gen_eval_batch}", f"gen_eval_batch_size={args.gen_eval_batch}",
            "dtype=bfloat16", "gradient_checkpointing=true", f"max_steps={args.steps}", "logging_steps=1",
            f"micro_batch_size={args.micro_batch}", "gradient_accumulation_steps=1", "learning_rate=1e-4",
            "save_steps=100000", "extra_callbacks=step_timer.StepTimer", f"load_in_4bit={variant == 'qlora-4bit'}"]
@@ -139,21 +164,28 @@ def train_once(model_dir: Path, variant: str, backend: str, args, work: Path) ->
     done, t = run_timed(cmd, work / f"{out.name}.json")
     if t is None:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    tokens = dict(t["num_tokens"])
-    steps = t["steps"]
-    after_first = tokens[len(steps)] - tokens[1]
-    return {"tokens_per_s": after_first / (steps[-1] - steps[0]), "first_step_s": steps[0] - t["launched"],
-            "peak_gib": t["peak_memory_bytes"] / 2 ** 30}
+    summary = json.loads((out / "single" / "run_summary.json").read_text())
+    ends = dict(enumerate(t["steps"], start=1))  # optimizer step -> when it ended
+    tokens = dict(t["num_tokens"])  # optimizer step -> tokens trained so far
+    # Step s runs from the end of step s-1: not step 1 (warm-up), nor a step that waited for an evaluation.
+    timed = [s for s in range(2, len(ends) + 1) if (s - 1) % eval_steps]
+    return {"stored": storage_label(summary["weight_storage_bytes"]),
+            "tokens_per_s": sum(tokens[s] - tokens[s - 1] for s in timed) / sum(ends[s] - ends[s - 1] for s in timed),
+            "first_step_s": ends[1] - t["launched"], "peak_gib": t["peak_memory_bytes"] / 2 ** 30,
+            "eval_s": summary["phase_seconds"].get("single.evaluations")}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--moe-layers", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="at least 4: a mid-run evaluation and timed steps")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--only", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
     p.add_argument("--backends", nargs="+", default=["unsloth", "hf"], choices=["unsloth", "hf"])
+    p.add_argument("--gen-eval-batch", type=int, default=4, help="generation eval batch (two batches per eval)")
     args = p.parse_args()
+    if args.steps < 4:
+        p.error("--steps must be at least 4")
 
     import torch
 
@@ -172,9 +204,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     models = {}
     if "moe" in args.only:
-        config = {**json.loads(MOE_CONFIG.read_text()), "num_hidden_layers": args.moe_layers,
-                  "max_window_layers": args.moe_layers}
-        models[f"Qwen3-30B-A3B arch, {args.moe_layers} of 48 layers"] = (work / "moe", config)
+        models[f"Qwen3-30B-A3B arch, {args.moe_layers} of 48 layers"] = (work / "moe", moe_config(args.moe_layers))
     if "dense" in args.only:
         models["Qwen3-0.6B arch (dense)"] = (work / "dense", DENSE_0_6B)
     rows = []
@@ -189,22 +219,26 @@ def main() -> int:
                     r["mfu"] = 4 * params["active"] * r["tokens_per_s"] / peak
                 rows.append({"model": name, "variant": variant, "backend": backend, **params, **r})
                 print(rows[-1], flush=True)
-    lines = ["| model | variant | backend | tokens/s | vs hf | MFU | peak GiB | first step s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | backend | weights stored as (asked for) | tokens/s | vs hf | MFU | peak GiB | first step s "
+             "| evaluations s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        label = f"{r['model']} | {r['backend']} | {r.get('stored', '?')} ({r['variant']})"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | failed: {r['error']} |||||")
+            lines.append(f"| {label} | failed: {r['error']} ||||||")
             continue
         hf = next((x for x in rows if x["model"] == r["model"] and x["variant"] == r["variant"]
                    and x["backend"] == "hf" and "error" not in x), None)
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['tokens_per_s']:,.0f} | {ratio} | "
-                     f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['first_step_s']:.0f} |")
+        eval_s = "-" if r["eval_s"] is None else f"{r['eval_s']:.0f}"
+        lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {ratio} | "
+                     f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['first_step_s']:.0f} | {eval_s} |")
     table = "\n".join(lines)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in checks.items()) + "\n\n" + table)
     append_section(f"gpu: measured bf16 matmul {peak / 1e12:.0f} TFLOP/s",
                    f"{args.steps} steps, micro-batch {args.micro_batch}, tiny mix, gradient checkpointing, "
-                   "LoRA r16 on attention + experts/MLP.\n\n"
+                   f"LoRA r16 on attention + experts/MLP, generation eval (batch {args.gen_eval_batch}) at step "
+                   f"{args.steps // 2} and at the end; tokens/s leaves out step 1 and the step after the "
+                   "evaluation.\n\n"
                    + "".join(f"- {k}: {v}\n" for k, v in checks.items()) + "\n" + table,
                    device=gpu, libraries=LIBRARIES)
     return 0

@@ -5,6 +5,11 @@ The user's Axolotl run sat at "0%" for minutes with nothing on screen; with
 this callback such a run writes where each rank is waiting (a compile, a
 collective, a per-expert loop) instead. It also records how long the first
 optimizer step took, the start-up cost users most often misread as a hang.
+
+It times steps only: evaluations and checkpoint saves (minutes on a 30B model,
+far longer than a step) pause it, and their durations are kept in `pauses`.
+Put it last among the callbacks so the pause covers the other callbacks'
+evaluation work (the generation eval runs in `on_evaluate`).
 Depends only on transformers and the stdlib, so Axolotl can load it too.
 """
 
@@ -28,6 +33,8 @@ class StallWatchdog(TrainerCallback):
         self.log_dir = Path(log_dir) if log_dir else None
         self.first_step_s: float | None = None
         self.dumps = 0
+        self.pauses: list[dict] = []  # {"step", "evaluation_s", "save_s"}, one per evaluated/saved step
+        self._pause = None  # the pause in progress: (its row, when its current part began)
         self._deadline = None
         self._train_start = None
         self._lock = threading.Lock()
@@ -41,27 +48,70 @@ class StallWatchdog(TrainerCallback):
         self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
         self._thread.start()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._pause is not None:  # an evaluation or save ended without its closing hook
+            self._resume(state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step_s is None and self._train_start is not None:
             self.first_step_s = time.monotonic() - self._train_start
-        self._arm(self.step_timeout_s, state.global_step)
+        # The trainer's flow callback (always first) has already decided what follows this step.
+        if control.should_evaluate or control.should_save:
+            with self._lock:
+                self._deadline = None
+                self._pause = ({"step": state.global_step, "evaluation_s": 0.0, "save_s": 0.0}, time.monotonic())
+            self.pauses.append(self._pause[0])
+        else:  # the next deadline covers fetching the next batches too
+            self._arm(self.step_timeout_s, state.global_step)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._pause is None:  # an evaluation outside training steps (e.g. trainer.evaluate())
+            return
+        row, began = self._pause
+        row["evaluation_s"] += round(time.monotonic() - began, 3)
+        if control.should_save:
+            self._pause = (row, time.monotonic())
+        else:
+            self._resume(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._pause is None:
+            return
+        row, began = self._pause
+        row["save_s"] += round(time.monotonic() - began, 3)
+        self._resume(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stop.set()
+
+    def pause_totals(self) -> dict[str, tuple[int, float]]:
+        """{"evaluations" | "checkpoint_saves": (count, seconds)} over the run."""
+        evals = [p["evaluation_s"] for p in self.pauses if p["evaluation_s"]]
+        saves = [p["save_s"] for p in self.pauses if p["save_s"]]
+        return {"evaluations": (len(evals), round(sum(evals), 2)),
+                "checkpoint_saves": (len(saves), round(sum(saves), 2))}
 
     # --------------------------------------------------------------- internals
     def _arm(self, timeout_s: float, step: int) -> None:
         with self._lock:
             self._deadline = (time.monotonic() + timeout_s, timeout_s, step)
 
+    def _resume(self, step: int) -> None:
+        self._pause = None
+        self._arm(self.step_timeout_s, step)
+
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.step_timeout_s / 4, self.first_step_timeout_s / 4)):
             with self._lock:
+                if self._deadline is None:  # paused
+                    continue
                 deadline, timeout_s, step = self._deadline
             if time.monotonic() < deadline:
                 continue
             self._dump(timeout_s, step)
-            self._arm(timeout_s, step)  # dump again if it stays stuck, but keep running
+            with self._lock:
+                if self._deadline is not None:  # dump again if it stays stuck, but keep running
+                    self._deadline = (time.monotonic() + timeout_s, timeout_s, step)
 
     def _dump(self, timeout_s: float, step: int) -> None:
         rank = int(os.environ.get("RANK", "0"))

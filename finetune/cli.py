@@ -22,6 +22,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=config_mod.BACKENDS, help="auto (Unsloth when it imports), unsloth, hf")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. deepspeed_configs/zero2.json")
     p.add_argument("--dry-run", action="store_true", help="print the preflight report and exit")
+    p.add_argument("--nproc", type=int, metavar="N", help="with --dry-run: the number of ranks (GPUs) the run "
+                   "will use, for the memory estimate and the DeepSpeed batch check (default: $WORLD_SIZE, else 1)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished stage from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete and retrain stages that already exist")
     p.add_argument("--help-config", action="store_true", help="list every configuration key and its default")
@@ -59,13 +61,18 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
             print(f"{key:<28} {value}")
         return 0
     try:
+        if args.nproc is not None and (not args.dry_run or args.nproc < 1):
+            # a real run's world size is torchrun's (--nproc_per_node), never a second source
+            raise ConfigError("--nproc N (N >= 1) goes with --dry-run only; to train on N GPUs use "
+                              "torchrun --nproc_per_node=N")
         overrides = config_mod.parse_overrides(split_overrides(extra))
         cfg = config_mod.resolve(
             args.mode, args.preset or default_preset, args.config, overrides,
-            {"backend": args.backend, "deepspeed": args.deepspeed}, fixed=fixed or {})
+            {"backend": args.backend, "deepspeed": args.deepspeed}, fixed=fixed or {},
+            dry_run=args.dry_run, world=args.nproc)
         from finetune.pipeline import run
 
-        return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+        return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, world=args.nproc)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -98,7 +98,13 @@ class FinetuneConfig:
     gen_eval_max_samples: int = 0  # 0 = every eval record (after eval_max_samples)
     gen_eval_batch_size: int = 32
     dataloader_num_workers: int = 0
+    # processes that tokenise the training set (rank 0 does it while the other ranks wait);
+    # 0 = auto: one below 10,000 examples (spawning costs more), else up to 8
+    dataset_num_proc: int = 0
     deepspeed: str = ""
+    # seconds a rank may wait in a collective (NCCL's own default is 10 min) before the run fails:
+    # covers rank 0 tokenising alone and the rank-0-only work after training
+    ddp_timeout: int = 1800
     report_to: list = field(default_factory=list)
     # MLflow (callbacks/mlflow_logger.py); tracking URI: this, else $MLFLOW_TRACKING_URI,
     # else a local sqlite store in output_dir. require: fail instead of spooling offline.
@@ -221,11 +227,11 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def resolve(mode: str | None, preset: str | None, config_file: str | None,
-            overrides: dict[str, Any], flags: dict[str, Any], fixed: dict[str, Any] | None = None
-            ) -> FinetuneConfig:
+            overrides: dict[str, Any], flags: dict[str, Any], fixed: dict[str, Any] | None = None,
+            *, dry_run: bool = False, world: int | None = None) -> FinetuneConfig:
     """Build the config from every source (see the module doc), then validate it.
 
-    `fixed`: a restore path's frozen values, applied over the preset."""
+    `fixed`: a restore path's frozen values, applied over the preset. `dry_run`, `world`: see validate."""
     fixed = fixed or {}
     file_values = load_yaml(config_file) if config_file else {}
     preset = preset or file_values.get("preset") or overrides.get("preset") or "tiny"
@@ -248,7 +254,7 @@ def resolve(mode: str | None, preset: str | None, config_file: str | None,
             values[key] = _coerce(key, raw, where)
     values.update(mode=mode, preset=preset)
     cfg = FinetuneConfig(**values)
-    validate(cfg)
+    validate(cfg, dry_run=dry_run, world=world)
     return cfg
 
 
@@ -267,8 +273,22 @@ def data_files(cfg: FinetuneConfig) -> dict[str, str]:
     return files
 
 
-def validate(cfg: FinetuneConfig) -> None:
-    """Every check that needs no model: fail fast, before minutes of loading."""
+def missing_data(cfg: FinetuneConfig) -> list[str]:
+    """One message per data file that does not exist: which key, which file, how to make it."""
+    out = []
+    for key, path in data_files(cfg).items():
+        tiny_generated = cfg.preset == "tiny" and Path(path).parts[:2] == ("data", "tiny")
+        if not tiny_generated and not Path(path).is_file():  # the tiny preset writes its own on first use
+            out.append(f"{key}: file not found: {path}. Create it with `python -m data_tools synth` / "
+                       f"`prepare`, or point {key}=... at your data")
+    return out
+
+
+def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = None) -> None:
+    """Every check that needs no model: fail fast, before minutes of loading.
+
+    `dry_run`: missing data files do not stop it (the preflight reports them, see missing_data).
+    `world`: the number of ranks to check against (default: this process's world size)."""
     def choice(key: str, valid) -> None:
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"'{key}' is '{getattr(cfg, key)}'; valid values: {', '.join(valid)}")
@@ -312,20 +332,20 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("rehearsal_ratio > 0 needs rehearsal_data=FILE (general text or instruction data)")
     if cfg.general_eval_samples < 1:
         raise ConfigError("'general_eval_samples' must be at least 1")
+    if cfg.dataset_num_proc < 0 or cfg.ddp_timeout < 1:
+        raise ConfigError("'dataset_num_proc' must be >= 0 (0 = auto) and 'ddp_timeout' >= 1 second")
     if cfg.watchdog_first_step_s <= 0 or cfg.watchdog_step_s <= 0:
         raise ConfigError("watchdog timeouts must be > 0 seconds")
-    for key, path in data_files(cfg).items():
-        tiny_generated = cfg.preset == "tiny" and Path(path).parts[:2] == ("data", "tiny")
-        if not tiny_generated and not Path(path).is_file():  # the tiny preset writes its own on first use
-            raise ConfigError(f"{key}: file not found: {path}. Create it with `python -m data_tools "
-                              f"synth` / `prepare`, or point {key}=... at your data")
+    missing = missing_data(cfg)
+    if missing and not dry_run:
+        raise ConfigError(missing[0])
     if cfg.deepspeed:
-        check_deepspeed(cfg)
+        check_deepspeed(cfg, world or world_size())
 
 
-def check_deepspeed(cfg: FinetuneConfig) -> None:
+def check_deepspeed(cfg: FinetuneConfig, world: int) -> None:
     problems = deepspeed_problems(cfg.deepspeed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                                  world_size())
+                                  world)
     if problems:
         raise ConfigError(problems[0])
 

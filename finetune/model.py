@@ -13,6 +13,10 @@ from pathlib import Path
 from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig, world_size
 from finetune.lora import TargetPlan
 
+# config.json of models this repository knows, named after the model (the last part of its hub id):
+# lets the dry run and the Axolotl check work without the hub
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
 
 def resolve_model_path(name: str) -> str:
     """The tiny names point at the locally built models; anything else is a hub id or a folder."""
@@ -22,6 +26,13 @@ def resolve_model_path(name: str) -> str:
         models = ensure_tiny_models()
         return str(models.dense if name == "tiny-dense" else models.moe)
     return name
+
+
+def shipped_model_config(name: str) -> Path | None:
+    """finetune/model_configs/<last part of the hub id>.json when this repository ships one."""
+    stem = str(name).rstrip("/").split("/")[-1]
+    shipped = MODEL_CONFIGS / f"{stem}.json"
+    return shipped if stem and shipped.is_file() else None
 
 
 def choose_backend(requested: str) -> tuple[str, str]:
@@ -72,11 +83,12 @@ def apply_chat_template_choice(tokenizer, cfg: FinetuneConfig) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
 
 
-def load_tokenizer(cfg: FinetuneConfig):
+def load_tokenizer(cfg: FinetuneConfig, **hub_kwargs):
+    """`hub_kwargs`: e.g. local_files_only=True (the dry run tries the cache before the hub)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model_name),
-                                        trust_remote_code=cfg.trust_remote_code)
+                                        trust_remote_code=cfg.trust_remote_code, **hub_kwargs)
     apply_chat_template_choice(tok, cfg)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -89,32 +101,38 @@ def load_base(cfg: FinetuneConfig, backend: str):
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
+        placement = {"device_map": rank_device_map()} if _has_cuda() else {}  # CPU: Unsloth's own default
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path, max_seq_length=cfg.max_length, dtype=torch_dtype(cfg),
             load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=attention_implementation(cfg), random_state=cfg.seed,
-            use_gradient_checkpointing=False)
+            use_gradient_checkpointing=False, **placement)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
         quantize_experts_if_4bit(model, cfg)
         return model, tokenizer
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": attention_implementation(cfg),
-              "trust_remote_code": cfg.trust_remote_code}
+              "trust_remote_code": cfg.trust_remote_code, "device_map": rank_device_map()}
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(cfg))
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     quantize_experts_if_4bit(model, cfg)
     return model, load_tokenizer(cfg)
+
+
+def rank_device_map() -> dict | None:
+    """Every weight straight onto this rank's GPU (LOCAL_RANK): without it each of the ranks first builds
+    the whole model in host memory (4 x 61 GB for Qwen3-30B-A3B) before moving it. None on CPU."""
+    if not _has_cuda():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def quantize_experts_if_4bit(model, cfg: FinetuneConfig) -> None:

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -49,17 +51,20 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
-def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> int:
+def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+        world: int | None = None) -> int:
+    """`world`: the dry run's number of ranks (--nproc; default: this process's world size)."""
     timer = PhaseTimer()
     files = config_mod.data_files(cfg)
     say("resolved configuration:\n" + config_mod.describe(cfg))
+    init_distributed(cfg)
     if cfg.preset == "tiny" and is_rank_zero():
         ensure_tiny_data(files)
     _wait_for_rank_zero()
     if dry_run:
         from finetune.preflight import preflight
 
-        return preflight(cfg)
+        return preflight(cfg, world or config_mod.world_size())
 
     stages = stages_for(cfg)
     plan_stage_dirs(cfg, stages, resume, overwrite)
@@ -126,6 +131,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
             say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
         summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, model_info, timer,
                                      resume, parent.run_id if parent else None))
+        gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
+        _empty_cuda_cache()
         previous = None  # the model in memory now carries this stage's adapter
     if parent is not None:
         parent.end()
@@ -170,8 +177,7 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
         say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
             f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
             f"token length percentiles: {lengths['tokens']}")
-    watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out)
-    trainer_callbacks = [watchdog] + [_import_object(path)() for path in cfg.extra_callbacks]
+    trainer_callbacks = [_import_object(path)() for path in cfg.extra_callbacks]
     gen_eval = None
     if cfg.gen_eval and eval_records:
         gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
@@ -193,6 +199,9 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
                           "data": data_identity, "libraries": libraries,
                           "trainable_parameters": params["trainable_by_category"]}
         trainer_callbacks.append(tracker)
+    # Last: its pause over an evaluation then covers every other callback's evaluation work
+    watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out)
+    trainer_callbacks.append(watchdog)
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
         trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks,
                               rehearsal_text)
@@ -209,6 +218,10 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
     if watchdog.first_step_s is not None:
         timer.seconds[f"{stage.name}.first_optimizer_step"] = round(watchdog.first_step_s, 2)
         say(f"[time] {stage.name}.first_optimizer_step: {watchdog.first_step_s:.1f}s")
+    for kind, (count, seconds) in watchdog.pause_totals().items():  # the pauses the watchdog did not time
+        if count:
+            timer.seconds[f"{stage.name}.{kind}"] = seconds
+            say(f"[time] {stage.name}.{kind}: {seconds:.1f}s ({count})")
     metrics = dict(result.metrics)
     if eval_records:
         # The scheduled evaluation may already have run at the last step (eval_steps divides it):
@@ -249,7 +262,24 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
             tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
         (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
     trainer.accelerator.wait_for_everyone()
+    release(trainer)
     return summary
+
+
+def release(trainer) -> None:
+    """Let go of a finished stage's optimizer state, wrappers and dataloaders; the caller collects.
+
+    Two references outlive the trainer otherwise: the generation eval logs through it (a cycle), and
+    DeepSpeed leaves its engine's forward hooks on the model, which the next stage trains again: the old
+    engine (its ZeRO optimizer included) would stay alive and run its hooks in every later forward."""
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "trainer", None) is trainer:
+            callback.trainer = None
+    engine = getattr(trainer, "deepspeed", None)
+    for hook in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)):
+        if hook is not None:
+            hook.remove()
+    trainer.accelerator.free_memory()  # destroys the engine (its gradient hooks) and accelerate's references
 
 
 def print_summary(cfg: FinetuneConfig, summaries: list[dict]) -> None:
@@ -281,14 +311,37 @@ def _import_object(dotted: str):
         raise config_mod.ConfigError(f"extra_callbacks: cannot import '{dotted}': {e}") from None
 
 
-def _wait_for_rank_zero() -> None:
-    """Other ranks wait while rank 0 writes shared files (tiny data, cleared folders)."""
+def init_distributed(cfg: FinetuneConfig) -> None:
+    """The process group, created here (before the trainer) so rank 0 can write shared files while the
+    others wait. accelerate then keeps it as it is, so the timeout and the device are given here: NCCL's
+    own 10-minute default would end the run while rank 0 tokenises a large set alone."""
     if config_mod.world_size() <= 1:
         return
+    import datetime
+
+    import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        import torch
+    if dist.is_initialized():
+        return
+    kwargs = {"timeout": datetime.timedelta(seconds=cfg.ddp_timeout)}
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device  # binds the communicator to this rank's GPU: no guessing, no hang
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    dist.barrier()
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _wait_for_rank_zero() -> None:
+    """Other ranks wait while rank 0 writes shared files (tiny data, cleared folders)."""
+    if config_mod.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -69,12 +69,19 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
                               "Pass --resume to continue it, or --overwrite to start over")
 
 
-def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
+def tokenising_processes(cfg: FinetuneConfig, examples: int) -> int | None:
+    """TRL's dataset_num_proc: None (one process) for small sets, where spawning costs more than it saves."""
+    if cfg.dataset_num_proc:
+        return cfg.dataset_num_proc
+    return min(8, os.cpu_count() or 1) if examples >= 10_000 else None
+
+
+def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, train_examples: int = 0, has_eval: bool = True):
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    has_eval = bool(cfg.eval_file)
+    has_eval = has_eval and bool(cfg.eval_file)
     return SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -102,6 +109,8 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path):
         fp16=cfg.dtype == "float16",
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and config_mod.world_size() > 1 else None,
+        ddp_timeout=cfg.ddp_timeout,  # also given to the process group (pipeline.init_distributed)
+        dataset_num_proc=tokenising_processes(cfg, train_examples),
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -125,18 +134,15 @@ def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, 
     at <|im_end|>). Dropping it from the loss makes both stacks train identical tokens.
     `text_rows`: pre-tokenised plain documents (rehearsal) added to the training set.
     With distill_lambda > 0 the trainer adds the distillation term (finetune/distill.py)."""
-    import dataclasses
-
     from trl import SFTTrainer  # imported (and patched by Unsloth, on that backend) by the caller first
 
+    from finetune.checkpoints import adapter_checkpoints
     from finetune.data import end_loss_at_end_of_turn, to_dataset
     from finetune.distill import distilling_trainer
 
-    args = sft_config(cfg, stage, out)
-    if not eval_records:
-        args = dataclasses.replace(args, eval_strategy="no")
-    trainer_class = SFTTrainer if cfg.distill_lambda == 0 else \
-        distilling_trainer(SFTTrainer, cfg.distill_lambda, cfg.distill_temperature)
+    args = sft_config(cfg, stage, out, len(train_records), has_eval=bool(eval_records))
+    trainer_class = adapter_checkpoints(SFTTrainer if cfg.distill_lambda == 0 else
+                                        distilling_trainer(SFTTrainer, cfg.distill_lambda, cfg.distill_temperature))
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
                             train_dataset=to_dataset(train_records),
                             eval_dataset=to_dataset(eval_records) if eval_records else None,

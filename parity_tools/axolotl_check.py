@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import EXPERT_TARGETS, deepspeed_problems
+from finetune.model import shipped_model_config
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
 
-KNOWN_MODEL_CONFIGS = REPO / "finetune" / "model_configs"
 # Keys users carry over from other tools, with what Axolotl calls them.
 RENAMED_KEYS = {
     "datasets_eval": "test_datasets (same schema as datasets) or val_set_size",
@@ -48,9 +48,7 @@ def model_config_file(raw: dict, model: str | None) -> Path | None:
     for candidate in (model, raw.get("base_model")):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate) / "config.json"
-    name = str(raw.get("base_model", "")).rstrip("/").split("/")[-1]
-    shipped = KNOWN_MODEL_CONFIGS / f"{name}.json"
-    return shipped if name and shipped.is_file() else None
+    return shipped_model_config(str(raw.get("base_model", "")))
 
 
 def probe(config: Path, model_config: Path | None) -> dict:

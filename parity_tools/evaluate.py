@@ -20,12 +20,13 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.model import resolve_model_path
+    from finetune.model import rank_device_map, resolve_model_path
 
     path = resolve_model_path(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]),
+                                                     device_map=rank_device_map())  # GPU: no host copy first
     except OSError as e:
         raise DataError(f"--base-model {base_model}: cannot load it ({str(e).splitlines()[0]}); give a model "
                         "folder, a hub id this machine can reach, or tiny-dense / tiny-moe") from None
@@ -35,8 +36,6 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
     return model.eval(), tokenizer
 
 

@@ -5,11 +5,20 @@ SlowSteps: SLOW_STEP_SECONDS sleep in each step from global step SLOW_FROM_STEP
 KillProcessAt: sends SIGTERM to process group KILL_PGID when global step KILL_AT_STEP ends
 (stops a tracking server mid-run).
 RecordTrainingState: how the model is trained at each step (checkpointing, mode, padding side).
+SlowEvaluationAndSave: SLOW_EVAL_SECONDS in each evaluation and each checkpoint save.
+RecordRanks: per rank, the process group's backend and timeout, and how often accelerate copied a
+whole state dict (what a checkpoint under DeepSpeed must not do).
+RecordStageRelease: whether the optimizers of earlier stages are still alive when a stage starts
+(automatic garbage collection off, so only an explicit release frees a reference cycle).
 """
 
+import gc
+import json
 import os
 import signal
 import time
+import weakref
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -43,3 +52,50 @@ class RecordTrainingState(TrainerCallback):
                "padding_side": processing_class.padding_side}
         with open(Path(args.output_dir) / "training_state.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class SlowEvaluationAndSave(TrainerCallback):
+    def on_evaluate(self, args, state, control, **kwargs):
+        time.sleep(float(os.environ["SLOW_EVAL_SECONDS"]))
+
+    def on_save(self, args, state, control, **kwargs):
+        time.sleep(float(os.environ["SLOW_EVAL_SECONDS"]))
+
+
+class RecordRanks(TrainerCallback):
+    state_dict_copies = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import accelerate
+
+        original = accelerate.Accelerator.get_state_dict
+        if not getattr(original, "counted", False):
+            def counted(accelerator, *a, **k):
+                RecordRanks.state_dict_copies += 1
+                return original(accelerator, *a, **k)
+
+            counted.counted = True
+            accelerate.Accelerator.get_state_dict = counted
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        group = dist.group.WORLD._get_backend(torch.device("cuda" if backend == "nccl" else "cpu"))
+        row = {"step": state.global_step, "backend": backend,
+               "timeout_s": group.options._timeout.total_seconds(),
+               "state_dict_copies": RecordRanks.state_dict_copies}
+        with open(Path(args.output_dir) / f"ranks-{os.environ['RANK']}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class RecordStageRelease(TrainerCallback):
+    optimizers: list = []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        gc.disable()
+        alive = [ref() is not None for ref in RecordStageRelease.optimizers]
+        RecordStageRelease.optimizers.append(weakref.ref(optimizer))
+        with open(Path(args.output_dir) / "earlier_optimizers_alive.json", "w", encoding="utf-8") as f:
+            json.dump(alive, f)
