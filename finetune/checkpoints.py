@@ -35,4 +35,4 @@ def _is_peft(model) -> bool:
 
 
 def _zero_stage(trainer) -> int:
-    return int(trainer.accelerator.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return int(trainer.accelerator.state.deepspeed_plugin.zero_stage)  # set from construction on

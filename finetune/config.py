@@ -116,6 +116,8 @@ class FinetuneConfig:
     # stalls: dump every thread's stack when no optimizer step completes in time
     watchdog_first_step_s: float = 600.0
     watchdog_step_s: float = 300.0
+    # an evaluation (generation eval included) or a checkpoint save: minutes on the 30B model, not a stall
+    watchdog_pause_s: float = 3600.0
     # extra transformers TrainerCallback classes, as "package.module.ClassName"
     extra_callbacks: list = field(default_factory=list)
     # keeping what the base knew (finetune/distill.py, finetune/rehearsal.py):
@@ -334,7 +336,7 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
         raise ConfigError("'general_eval_samples' must be at least 1")
     if cfg.dataset_num_proc < 0 or cfg.ddp_timeout < 1:
         raise ConfigError("'dataset_num_proc' must be >= 0 (0 = auto) and 'ddp_timeout' >= 1 second")
-    if cfg.watchdog_first_step_s <= 0 or cfg.watchdog_step_s <= 0:
+    if min(cfg.watchdog_first_step_s, cfg.watchdog_step_s, cfg.watchdog_pause_s) <= 0:
         raise ConfigError("watchdog timeouts must be > 0 seconds")
     missing = missing_data(cfg)
     if missing and not dry_run:

@@ -127,12 +127,18 @@ def load_base(cfg: FinetuneConfig, backend: str):
     return model, load_tokenizer(cfg)
 
 
+def local_gpu() -> int:
+    """This rank's GPU: LOCAL_RANK among the visible ones (as accelerate counts; a launcher that shows each
+    process only its own GPU makes that index 0)."""
+    import torch
+
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+
+
 def rank_device_map() -> dict | None:
-    """Every weight straight onto this rank's GPU (LOCAL_RANK): without it each of the ranks first builds
-    the whole model in host memory (4 x 61 GB for Qwen3-30B-A3B) before moving it. None on CPU."""
-    if not _has_cuda():
-        return None
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    """Every weight straight onto this rank's GPU: without it each of the ranks first builds the whole
+    model in host memory (4 x 61 GB for Qwen3-30B-A3B) before moving it. None on CPU."""
+    return {"": local_gpu()} if _has_cuda() else None
 
 
 def quantize_experts_if_4bit(model, cfg: FinetuneConfig) -> None:

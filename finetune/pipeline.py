@@ -200,7 +200,8 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
                           "trainable_parameters": params["trainable_by_category"]}
         trainer_callbacks.append(tracker)
     # Last: its pause over an evaluation then covers every other callback's evaluation work
-    watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out)
+    watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out,
+                             pause_timeout_s=cfg.watchdog_pause_s)
     trainer_callbacks.append(watchdog)
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
         trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks,
@@ -280,6 +281,9 @@ def release(trainer) -> None:
         if hook is not None:
             hook.remove()
     trainer.accelerator.free_memory()  # destroys the engine (its gradient hooks) and accelerate's references
+    for param in trainer.model.parameters():  # what destroy() leaves: the offloaded optimizer and its mapping
+        param.__dict__.pop("_zero_optimizer", None)
+        param.__dict__.pop("_hp_mapping", None)
 
 
 def print_summary(cfg: FinetuneConfig, summaries: list[dict]) -> None:
@@ -326,7 +330,9 @@ def init_distributed(cfg: FinetuneConfig) -> None:
         return
     kwargs = {"timeout": datetime.timedelta(seconds=cfg.ddp_timeout)}
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        from finetune.model import local_gpu
+
+        device = torch.device("cuda", local_gpu())
         torch.cuda.set_device(device)
         kwargs["device_id"] = device  # binds the communicator to this rank's GPU: no guessing, no hang
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)

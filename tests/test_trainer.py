@@ -223,6 +223,31 @@ def test_watchdog_stays_quiet_through_slow_evaluations_and_saves_and_fires_on_a_
     assert "[time] single.evaluations:" in result.stdout and "(2)" in result.stdout
 
 
+def test_watchdog_limits_a_pause_by_its_own_timeout(tmp_path):
+    """A hung evaluation is still reported (under its own, longer limit), and so is a hung save; a dump
+    does not overwrite a deadline the training armed meanwhile."""
+    from transformers import TrainerControl, TrainerState
+
+    from callbacks.watchdog import StallWatchdog
+
+    dog = StallWatchdog(60, 60, log_dir=tmp_path, pause_timeout_s=0.4)
+    state, control = TrainerState(), TrainerControl()
+    dog.on_train_begin(None, state, control)
+    state.global_step, control.should_evaluate, control.should_save = 1, True, True
+    dog.on_step_end(None, state, control)  # the evaluation and save after step 1 begin
+    time.sleep(1.2)
+    dog.on_evaluate(None, state, control)
+    time.sleep(1.2)
+    dog.on_save(None, state, control)
+    dog.on_train_end(None, state, control)
+    log = (tmp_path / "watchdog-rank0.log").read_text()
+    assert "no evaluation after optimizer step 1 finished within 0s" in log
+    assert "no checkpoint save after optimizer step 1 finished within 0s" in log
+    assert "optimizer step 2" not in log  # the step limit (60 s) was armed again after the save
+    assert dog._deadline[2] == "optimizer step 2" and dog._deadline[1] == 60
+    assert dog.pauses[0]["evaluation_s"] >= 1.2 and dog.pauses[0]["save_s"] >= 1.2
+
+
 def test_torchrun_two_processes_on_the_moe_with_generation_eval(tmp_path):
     """The user's launch: torchrun, the MoE, a generation eval mid-run (each rank generates its shard,
     padded batches) with the router aux loss on."""

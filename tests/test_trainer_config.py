@@ -57,11 +57,29 @@ def test_production_preset_matches_the_seeds(tmp_path, monkeypatch):
     (["dtype=float32", "load_in_4bit=true"], "load_in_4bit needs a 16-bit compute dtype"),
     (["backend=vllm"], "'backend' is 'vllm'; valid values: auto, unsloth, hf"),
     (["gradient_accumulation_steps=0"], "'gradient_accumulation_steps' must be at least 1"),
+    (["ddp_timeout=0"], "'ddp_timeout' >= 1 second"),
+    (["dataset_num_proc=-1"], "'dataset_num_proc' must be >= 0"),
 ])
 def test_configuration_errors(items, message):
     with pytest.raises(ConfigError) as e:
         resolve_with(*items)
     assert message in str(e.value)
+
+
+def test_rank_zero_tokenises_in_parallel_only_on_a_large_set(monkeypatch):
+    """Ranks 1-3 wait while rank 0 tokenises: the production mix (174K records) gets processes,
+    the tiny sets do not (spawning them costs more than it saves); an explicit value always wins."""
+    from finetune.stages import sft_config, stages_for, tokenising_processes
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cfg = resolve_with()
+    assert tokenising_processes(cfg, 3_000) is None and tokenising_processes(cfg, 9_999) is None
+    assert tokenising_processes(cfg, 174_663) == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert tokenising_processes(cfg, 174_663) == 2
+    assert tokenising_processes(resolve_with("dataset_num_proc=3"), 10) == 3
+    args = sft_config(resolve_with("ddp_timeout=5400"), stages_for(cfg)[0], Path("o"), 174_663)
+    assert args.dataset_num_proc == 2 and args.ddp_timeout == 5400
 
 
 def test_unknown_preset_and_mode_list_the_valid_ones():
