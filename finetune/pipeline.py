@@ -16,15 +16,15 @@ from collections import Counter
 from pathlib import Path
 
 from callbacks.runinfo import library_versions
-from data_tools.records import file_sha256
+from data_tools.records import file_sha256, load_records, seeded_subset
 from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
-from finetune.data import length_report, load_split
+from finetune.data import length_report
 from finetune.forgetting import measure_forgetting
 from finetune.moe import TaskLossCallback, router_aux_loss_setting
 from finetune.moe import describe as describe_aux_loss
-from finetune.rehearsal import plan_general, text_rows
+from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete, is_rank_zero,
                              latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
                              write_json)
@@ -76,6 +76,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         print_summary(cfg, [json.loads((stage_dir(cfg, s) / "run_summary.json").read_text()) for s in stages])
         return 0
 
+    with timer("data_check"):
+        data = read_run_data(cfg, todo)
     if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
         mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
     with timer("imports"):
@@ -129,7 +131,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         if previous is not None:  # an earlier stage finished in another process
             load_adapter_weights(model, previous / "adapter")
             say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
-        summaries.append(train_stage(cfg, stage, model, tokenizer, backend, plan, params, model_info, timer,
+        summaries.append(train_stage(cfg, stage, data, model, tokenizer, backend, plan, params, model_info, timer,
                                      resume, parent.run_id if parent else None))
         gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
         _empty_cuda_cache()
@@ -140,6 +142,17 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     return 0
 
 
+def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[dict]]:
+    """{path: records} of every task file the stages will read, and the general-data files checked too:
+    a bad record stops the run here, located, before any weights load (minutes per rank on the 30B
+    model). Every rank reads (each needs the records), so all stop together without a collective."""
+    paths = sorted({s.train_file for s in stages} | ({cfg.eval_file} if cfg.eval_file else set()))
+    data = {path: load_records(path) for path in paths}
+    for path in {cfg.rehearsal_data, cfg.general_eval_file} - {""}:
+        load_general(path)
+    return data
+
+
 def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | None = None):
     from callbacks.mlflow_logger import MLflowLoggerCallback
 
@@ -148,9 +161,10 @@ def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | Non
                                 parent_run_id=parent_run_id, require=cfg.mlflow_require)
 
 
-def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, model_info: dict, timer, resume,
-                parent_run_id: str | None = None) -> dict:
-    """One stage; `model_info`: the router aux-loss setting and the weight storage per category."""
+def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, params, model_info: dict, timer,
+                resume, parent_run_id: str | None = None) -> dict:
+    """One stage; `data`: read_run_data's records; `model_info`: the router aux-loss setting and the weight
+    storage per category."""
     from finetune.model import attention_implementation
 
     from callbacks.generation_eval import GenerationEvalCallback
@@ -158,8 +172,8 @@ def train_stage(cfg, stage: Stage, model, tokenizer, backend, plan, params, mode
 
     out = stage_dir(cfg, stage)
     with timer(f"{stage.name}.data_load"):
-        train_records = load_split(stage.train_file, cfg.max_train_samples, cfg.seed)
-        eval_records = load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed) if cfg.eval_file else []
+        train_records = seeded_subset(data[stage.train_file], cfg.max_train_samples, cfg.seed)
+        eval_records = seeded_subset(data[cfg.eval_file], cfg.eval_max_samples, cfg.seed) if cfg.eval_file else []
         lengths = length_report(train_records, tokenizer, cfg.max_length)
         general = plan_general(cfg.rehearsal_data, cfg.rehearsal_ratio, cfg.general_eval_file,
                                cfg.general_eval_samples, len(train_records), cfg.seed)

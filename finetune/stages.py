@@ -54,15 +54,49 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Keys that change neither what a stage trains nor what it measures: a completed stage stays valid
+RUN_ONLY_KEYS = {"mlflow", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_run_name", "mlflow_require",
+                 "report_to", "watchdog_first_step_s", "watchdog_step_s", "watchdog_pause_s", "ddp_timeout",
+                 "dataset_num_proc", "dataloader_num_workers", "extra_callbacks"}
+
+
+def config_changes(cfg: FinetuneConfig, stage: Stage, saved: dict) -> list[str]:
+    """'key: saved -> now' for each setting of `stage` that differs from the config it was trained with;
+    the other stage's own keys (stage1_*/stage2_*) do not count."""
+    now = config_mod.to_dict(cfg)  # redacted exactly as config.yaml was written
+    others = tuple(f"{name}_" for name in ("stage1", "stage2") if name != stage.name)
+    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in now.items()
+            if key not in RUN_ONLY_KEYS and not key.startswith(others) and saved.get(key) != value]
+
+
+def check_complete_stage(cfg: FinetuneConfig, stage: Stage, path: Path) -> None:
+    """A complete stage is reused only for the configuration it was trained with: a follow-up command
+    with new settings must not print the old summary as if it had run."""
+    import yaml
+
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return
+    changes = config_changes(cfg, stage, yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
+    if changes:
+        raise ConfigError(f"{path} is complete but was trained with another configuration ("
+                          f"{'; '.join(changes[:6])}{'; ...' if len(changes) > 6 else ''}). Pass --overwrite "
+                          "to train it again, or choose another output_dir=...")
+
+
 def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber work; clear it only when asked. Runs before any model loads."""
+    """Refuse to clobber work or to reuse it for another configuration; clear it only when asked.
+    Runs before any model loads."""
     for stage in stages:
         path = stage_dir(cfg, stage)
         if overwrite:
             if is_rank_zero() and path.exists():
                 shutil.rmtree(path)
             continue
-        if is_complete(path) or not path.exists():
+        if is_complete(path):
+            check_complete_stage(cfg, stage, path)
+            continue
+        if not path.exists():
             continue
         if latest_checkpoint(path) and not resume:
             raise ConfigError(f"{path} holds an unfinished run (latest: {latest_checkpoint(path).name}). "

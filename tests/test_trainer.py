@@ -75,6 +75,34 @@ def test_rerun_skips_a_complete_run_and_overwrite_retrains(single_hf):
     assert (cwd / "out" / "single" / "run_summary.json").stat().st_mtime == before
 
 
+def test_rerun_with_another_config_names_the_changes_instead_of_reusing_the_stage(single_hf):
+    """A follow-up command (e.g. the README's group_by_length=true after the first run) must not print the
+    old summary as if it had trained; keys that change nothing trained or measured are allowed."""
+    cwd, _ = single_hf
+    changed = train("--mode", "single", "--backend", "hf", "output_dir=out", *SMALL, "group_by_length=true",
+                    "learning_rate=1e-3", cwd=cwd)
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    assert "is complete but was trained with another configuration" in changed.stderr
+    assert "group_by_length: False -> True" in changed.stderr and "learning_rate: 0.002 -> 0.001" in changed.stderr
+    assert "--overwrite" in changed.stderr and "output_dir=" in changed.stderr
+    assert "=== run summary ===" not in changed.stdout
+    same = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *SMALL, "watchdog_step_s=60",
+                    cwd=cwd))
+    assert "already complete; nothing to do" in same.stdout
+
+
+def test_bad_record_stops_the_run_before_the_model_loads(tmp_path):
+    from data_tools.synth import generate
+
+    records = json.dumps(generate(0, "train", "positive", 3), ensure_ascii=False, indent=1)
+    (tmp_path / "bad.json").write_text(records[:-40] + "\n", encoding="utf-8")  # a truncated last record
+    result = train("--mode", "single", "--backend", "hf", "output_dir=out", "train_file=bad.json", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: bad.json:" in result.stderr
+    assert "[time] data_check" not in result.stdout and "[time] imports" not in result.stdout
+    assert "backend:" not in result.stdout and not (tmp_path / "out" / "single").exists()
+
+
 def test_same_seed_gives_same_losses(single_hf, tmp_path):
     cwd, _ = single_hf
     again = ok(train("--mode", "single", "--backend", "hf", "output_dir=again", *SMALL, cwd=cwd))
