@@ -107,7 +107,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     refuse_overwrite([args.output], args.force)
-    rows = read_rows(args.input)  # BOM/CRLF are fine here: the output is written clean
+    rows = read_rows(args.input)  # BOM/CRLF: one warning, and the output is written clean
     out = convert_rows(rows, args.from_format, args.to, args.fields)
     write_rows(args.output, out)
     print(f"converted {len(out):,} records ({args.from_format} -> {args.to}): {args.input} -> {args.output}")

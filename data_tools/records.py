@@ -4,9 +4,12 @@ A record is the user's format: ``{"instruction": str, "input": str, "output": st
 where ``output`` is a JSON string ``{"offenders": [...]}``. Optional keys:
 ``id`` (article id) and ``source`` (positive / negative / rehearsal).
 
-Files are a JSON array (``.json``) or JSON Lines (``.jsonl``); ``read_rows``
-also reads CSV. Every problem carries a location: ``file:[index]`` for an
-array, ``file:line`` for JSONL/CSV.
+Files are a JSON array (``.json``) or JSON Lines (``.jsonl``); CSV is read too.
+``iter_rows`` is the one reader that decides what a file holds: every other
+reader (``read_rows``, ``load_records``, `validate`, `convert`, `prepare`,
+`stats`, the trainer) goes through it, so none can disagree about what is
+valid. Every problem carries a location: ``file:[index]`` for an array,
+``file:line`` for JSONL/CSV.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import io
 import json
 import os
 import random
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,11 @@ from callbacks.metrics import DEFAULT_FIELDS, NonFiniteJSONError, loads_strict, 
 
 REQUIRED_KEYS = ("instruction", "input", "output")
 OPTIONAL_KEYS = ("id", "source")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _BOM = b"\xef\xbb\xbf"
+BOM_WARNING = "UTF-8 byte-order mark (BOM) at the start; read without it"
+CRLF_WARNING = "Windows line endings (CRLF); read as plain newlines"
+_NON_FINITE_HINT = "JSON has no NaN/Infinity, write null or a number"
 
 
 class DataError(Exception):
@@ -35,12 +43,18 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class Issue:
+    """A located problem. ``error``: the file is invalid; ``warning``: read anyway;
+    ``note``: context for the problems above it (what could not be checked).
+    ``skipped``: this problem made one line / array element unreadable, so it
+    yields no row (validate counts these)."""
+
     location: str
     message: str
-    severity: str = "error"  # or "warning"
+    severity: str = "error"
+    skipped: bool = False
 
     def __str__(self) -> str:
-        return f"{self.location}: {self.severity}: {self.message}"
+        return f"{self.severity}: {self.location}: {self.message}"
 
 
 @dataclass
@@ -55,144 +69,224 @@ def _line_of(text: str, pos: int) -> tuple[int, int]:
     return line, col
 
 
-def _decode(path: Path, data: bytes, issues: list[Issue]) -> str:
-    if data.startswith(_BOM):
-        issues.append(Issue(f"{path}:1", "starts with a UTF-8 byte-order mark (BOM); many JSON "
-                            "readers reject it. Re-save as UTF-8 without BOM, or run "
-                            "`python -m data_tools convert` which writes clean files"))
-        data = data[len(_BOM):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path}:{line}: invalid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r}). "
-            "The file is probably Shift_JIS/CP932; convert it with "
-            f"`iconv -f CP932 -t UTF-8 {path} > fixed.json`") from None
-    if "\r\n" in text:
-        line, _ = _line_of(text, text.index("\r\n"))
-        issues.append(Issue(f"{path}:{line}", "Windows (CRLF) line endings; convert with "
-                            "`dos2unix` or `python -m data_tools convert`"))
-        text = text.replace("\r\n", "\n")
-    return text
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
 
 
-def _json_error(path: Path, where: str, text: str, e: json.JSONDecodeError) -> DataError:
-    line, col = _line_of(text, e.pos)
-    return DataError(f"{path}:{line}:{col}: {where}invalid JSON: {e.msg}")
-
-
-def _parse_array(path: Path, text: str) -> list[Row]:
-    decoder = json.JSONDecoder(parse_constant=reject_constant)
-    rows: list[Row] = []
-    pos = text.index("[") + 1
+def _array_rows(path: Path, text: str, start: int) -> Iterator[Row | Issue]:
+    """A JSON array, element by element. A record with NaN/Infinity is reported and
+    skipped; a syntax error ends the reading (nothing after it can be parsed)."""
+    strict = json.JSONDecoder(parse_constant=reject_constant)
+    lenient = json.JSONDecoder()  # finds the end of a record holding NaN, to go on after it
     end = len(text)
+    read = index = 0
 
-    def skip_ws(p: int) -> int:
-        while p < end and text[p] in " \t\n\r":
-            p += 1
-        return p
+    def cut_short() -> Issue:
+        return Issue(str(path), "the JSON array cannot be parsed past a syntax error, so nothing after it "
+                     f"was checked ({read} record(s) before it were); fix it and run validate again", "note")
 
-    pos = skip_ws(pos)
+    pos = _skip_ws(text, start + 1)
     if pos < end and text[pos] == "]":
-        return rows
+        rest = _skip_ws(text, pos + 1)
+        if rest < end:
+            line, col = _line_of(text, rest)
+            yield Issue(f"{path}:{line}:{col}", "unexpected text after the closing ']'")
+        return
     while True:
-        where = f"[{len(rows)}]"
+        where = f"[{index}]"
         if pos >= end:
             line, _ = _line_of(text, end)
-            raise DataError(f"{path}:{line}: the JSON array ends abruptly after {len(rows)} "
-                            "complete records (file truncated?); re-export or re-copy the file")
+            yield Issue(f"{path}:{line}", f"the JSON array ends abruptly after {read} complete records "
+                        "(file truncated?); re-export or re-copy the file")
+            return
         try:
-            value, pos = decoder.raw_decode(text, pos)
+            value, after = strict.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            if skip_ws(e.pos) >= end:
-                raise DataError(f"{path}:{where}: the file ends inside record {where} "
-                                f"after {len(rows)} complete records (truncated?); re-export "
-                                "or re-copy the file") from None
-            raise _json_error(path, f"record {where}: ", text, e) from None
+            if _skip_ws(text, e.pos) >= end:
+                yield Issue(f"{path}:{where}", f"the file ends inside record {where} after {read} complete "
+                            "records (truncated?); re-export or re-copy the file")
+                return
+            line, col = _line_of(text, e.pos)
+            yield Issue(f"{path}:{line}:{col}", f"record {where}: invalid JSON: {e.msg}")
+            yield cut_short()
+            return
         except NonFiniteJSONError as e:
             line, _ = _line_of(text, pos)
-            raise DataError(f"{path}:{where} (line {line}): {e}; JSON has no NaN/Infinity, "
-                            "write null or a number") from None
-        rows.append(Row(f"{path}:{where}", value))
-        pos = skip_ws(pos)
+            yield Issue(f"{path}:{where} (line {line})", f"{e}; {_NON_FINITE_HINT}", skipped=True)
+            try:
+                _, after = lenient.raw_decode(text, pos)
+            except json.JSONDecodeError as e2:  # NaN and broken syntax in one record
+                line, col = _line_of(text, e2.pos)
+                yield Issue(f"{path}:{line}:{col}", f"record {where}: invalid JSON: {e2.msg}")
+                yield cut_short()
+                return
+        else:
+            yield Row(f"{path}:{where}", value)
+            read += 1
+        index += 1
+        pos = _skip_ws(text, after)
         if pos >= end:
-            raise DataError(f"{path}: the JSON array is not closed after {len(rows)} records "
-                            "(file truncated?); re-export or re-copy the file")
+            yield Issue(str(path), f"the JSON array is not closed after {index} records "
+                        "(file truncated?); re-export or re-copy the file")
+            return
         if text[pos] == "]":
-            rest = skip_ws(pos + 1)
+            rest = _skip_ws(text, pos + 1)
             if rest < end:
                 line, col = _line_of(text, rest)
-                raise DataError(f"{path}:{line}:{col}: unexpected text after the closing ']'")
-            return rows
+                yield Issue(f"{path}:{line}:{col}", "unexpected text after the closing ']'")
+            return
         if text[pos] != ",":
             line, col = _line_of(text, pos)
-            raise DataError(f"{path}:{line}:{col}: expected ',' or ']' after record {where}")
-        pos = skip_ws(pos + 1)
+            yield Issue(f"{path}:{line}:{col}", f"expected ',' or ']' after record {where}")
+            yield cut_short()
+            return
+        pos = _skip_ws(text, pos + 1)
 
 
-def _parse_jsonl(path: Path, text: str) -> list[Row]:
-    rows = []
+def _jsonl_rows(path: Path, text: str) -> Iterator[Row | Issue]:
+    """JSON Lines, line by line: a bad line is reported and skipped, the next lines are still read."""
+    skipped = 0
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             value = loads_strict(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            skipped += 1
+            yield Issue(f"{path}:{lineno}:{e.colno}", f"invalid JSON: {e.msg}", skipped=True)
+            continue
         except ValueError as e:
-            raise DataError(f"{path}:{lineno}: {e}; JSON has no NaN/Infinity, "
-                            "write null or a number") from None
-        rows.append(Row(f"{path}:{lineno}", value))
-    return rows
+            skipped += 1
+            yield Issue(f"{path}:{lineno}", f"{e}; {_NON_FINITE_HINT}", skipped=True)
+            continue
+        yield Row(f"{path}:{lineno}", value)
+    if skipped:
+        yield Issue(str(path), f"{skipped} line(s) could not be read as JSON and were skipped, so their "
+                    "fields were not checked; each line of a JSON Lines file must be one complete record",
+                    "note")
 
 
-def _parse_csv(path: Path, text: str) -> list[Row]:
+def _csv_rows(path: Path, text: str) -> Iterator[Row | Issue]:
     reader = csv.DictReader(io.StringIO(text))
-    return [Row(f"{path}:{reader.line_num}", dict(r)) for r in reader]
+    try:
+        for r in reader:
+            yield Row(f"{path}:{reader.line_num}", dict(r))
+    except csv.Error as e:
+        yield Issue(f"{path}:{reader.line_num}", f"unreadable CSV: {e}; nothing after it was checked")
 
 
-def read_rows(path: str | os.PathLike, issues: list[Issue] | None = None) -> list[Row]:
-    """Parse a JSON array, JSONL or CSV file into located rows.
+def _object_message(value: dict) -> str:
+    keys = ", ".join(list(value)[:5]) + (", ..." if len(value) > 5 else "") if value else "none"
+    lists = [k for k, v in value.items() if isinstance(v, list)]
+    if lists and not any(k in value for k in REQUIRED_KEYS):
+        fix = f"if the records are the array under '{lists[0]}', write that array alone as the file"
+    else:
+        fix = "wrap it in [...], or write one record per line and name the file .jsonl"
+    return f"the top level is one JSON object (keys: {keys}), expected an array of records: {fix}"
 
-    Fatal problems raise DataError; fixable ones (BOM, CRLF) are appended to
-    ``issues`` as errors and the content is read anyway.
+
+def _top_level_object(path: Path, text: str, start: int) -> Issue | None:
+    """The error for a file (starting with '{') that is one JSON object rather than
+    JSON Lines; None when it reads as JSON Lines. One object on one line is a
+    one-record JSON Lines file only when the file is named .jsonl."""
+    lenient = json.JSONDecoder()  # NaN allowed: only the shape matters here
+    jsonl_name = path.suffix.lower() in JSONL_SUFFIXES
+    try:
+        value, end = lenient.raw_decode(text, start)
+    except json.JSONDecodeError:
+        value, end = None, start
+    if isinstance(value, dict) and not text[end:].strip():
+        if jsonl_name and "\n" not in text[start:end]:
+            return None
+        return Issue(str(path), _object_message(value))
+    if value is None and not jsonl_name:
+        first_line = text[start:].split("\n", 1)[0].rstrip()
+        try:
+            lenient.raw_decode(first_line)
+        except json.JSONDecodeError as e:
+            if e.pos >= len(first_line):  # the first line ends before its object does
+                return Issue(str(path), "the top level is one JSON object spread over several lines, expected "
+                             "an array of records: wrap it in [...], or write one record per line and name "
+                             "the file .jsonl")
+    return None
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[Row | Issue]:
+    """THE reader: decides what a record file holds and yields, in file order, a
+    located ``Row`` per record read and a located ``Issue`` per problem.
+
+    A BOM or CRLF line endings give one warning and are read anyway. JSONL and
+    NaN records in an array are read past (the bad entry is an error with
+    ``skipped=True``); anything else that stops the reading is an error,
+    followed by a note when part of the file could not be checked. `validate`
+    shows everything; ``read_rows`` raises at the first error.
     """
     path = Path(path)
-    issues = [] if issues is None else issues
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        yield Issue(str(path), "file not found")
+        return
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a data file") from None
-    text = _decode(path, data, issues)
+        yield Issue(str(path), "is a directory, expected a data file")
+        return
+    except OSError as e:
+        yield Issue(str(path), f"cannot read the file: {e.strerror or e}")
+        return
+    if data.startswith(_BOM):
+        yield Issue(str(path), BOM_WARNING, "warning")
+        data = data[len(_BOM):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        yield Issue(f"{path}:{line}", f"invalid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r}). "
+                    "The file is probably Shift_JIS/CP932; convert it with "
+                    f"`iconv -f CP932 -t UTF-8 {path} > fixed.json`")
+        yield Issue(str(path), "the file cannot be decoded, so none of its records was checked", "note")
+        return
+    if "\r\n" in text:
+        yield Issue(str(path), CRLF_WARNING, "warning")
+        text = text.replace("\r\n", "\n")
     stripped = text.lstrip()
     if not stripped:
-        raise DataError(f"{path}: the file is empty; expected a JSON array or JSONL records")
+        yield Issue(str(path), "the file is empty; expected a JSON array or JSONL records")
+        return
+    start = len(text) - len(stripped)
     if path.suffix.lower() == ".csv":
-        return _parse_csv(path, text)
-    if stripped[0] == "[":
-        return _parse_array(path, text)
-    if stripped[0] == "{":
-        first_line = stripped.split("\n", 1)[0]
-        try:
-            loads_strict(first_line)
-        except ValueError:
-            try:
-                whole = loads_strict(text)
-            except ValueError:
-                whole = None
-            if isinstance(whole, dict):
-                keys = ", ".join(list(whole)[:5])
-                raise DataError(
-                    f"{path}: the top level is one JSON object (keys: {keys}), not a list of "
-                    "records; write a JSON array `[{...}, ...]` or JSONL (one record per line)"
-                ) from None
-        return _parse_jsonl(path, text)
-    line, col = _line_of(text, len(text) - len(stripped))
-    raise DataError(f"{path}:{line}:{col}: not JSON records: expected '[' (JSON array) or "
+        yield from _csv_rows(path, text)
+    elif stripped[0] == "[":
+        yield from _array_rows(path, text, start)
+    elif stripped[0] == "{":
+        problem = _top_level_object(path, text, start)
+        if problem:
+            yield problem
+        else:
+            yield from _jsonl_rows(path, text)
+    else:
+        line, col = _line_of(text, start)
+        yield Issue(f"{path}:{line}:{col}", "not JSON records: expected '[' (JSON array) or "
                     "'{' (JSON Lines) at the start")
+
+
+def read_rows(path: str | os.PathLike, issues: list[Issue] | None = None) -> list[Row]:
+    """``iter_rows``, fail-fast: the first error raises DataError (the same
+    ``location: message`` text `validate` prints). Warnings (BOM, CRLF) go to
+    ``issues`` when given, else to stderr as ``warning: location: message``."""
+    rows = []
+    for item in iter_rows(path):
+        if isinstance(item, Row):
+            rows.append(item)
+        elif item.severity == "error":
+            raise DataError(f"{item.location}: {item.message}")
+        elif item.severity == "warning":
+            if issues is None:
+                print(item, file=sys.stderr)
+            else:
+                issues.append(item)
+    return rows
 
 
 def _type_name(v: Any) -> str:
@@ -261,17 +355,10 @@ def check_record(value: Any, fields: Sequence[str] = DEFAULT_FIELDS) -> tuple[li
 
 def load_records(path: str | os.PathLike, fields: Sequence[str] = DEFAULT_FIELDS,
                  max_shown: int = 10) -> list[dict]:
-    """Load and check a record file; any invalid record is a DataError listing them.
-
-    BOM/CRLF are tolerated here (with a warning on stderr); `validate` is the
-    strict linter.
-    """
-    import sys
-
-    issues: list[Issue] = []
-    rows = read_rows(path, issues)
-    for issue in issues:
-        print(f"warning: {issue.location}: {issue.message}", file=sys.stderr)
+    """Load and check a record file for training: fail-fast through ``read_rows``
+    (the first unreadable spot raises), then any invalid record is a DataError
+    listing them. BOM/CRLF are read with one warning on stderr, as everywhere."""
+    rows = read_rows(path)
     problems = []
     for row in rows:
         errors, _ = check_record(row.value, fields)

@@ -67,9 +67,9 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
                               "torchrun --nproc_per_node=N")
         overrides = config_mod.parse_overrides(split_overrides(extra))
         cfg = config_mod.resolve(
-            args.mode, args.preset or default_preset, args.config, overrides,
+            args.mode, args.preset, args.config, overrides,
             {"backend": args.backend, "deepspeed": args.deepspeed}, fixed=fixed or {},
-            dry_run=args.dry_run, world=args.nproc)
+            dry_run=args.dry_run, world=args.nproc, default_preset=default_preset or "tiny")
         from finetune.pipeline import run
 
         return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, world=args.nproc)

@@ -230,13 +230,14 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def resolve(mode: str | None, preset: str | None, config_file: str | None,
             overrides: dict[str, Any], flags: dict[str, Any], fixed: dict[str, Any] | None = None,
-            *, dry_run: bool = False, world: int | None = None) -> FinetuneConfig:
+            *, dry_run: bool = False, world: int | None = None, default_preset: str = "tiny") -> FinetuneConfig:
     """Build the config from every source (see the module doc), then validate it.
 
     `fixed`: a restore path's frozen values, applied over the preset. `dry_run`, `world`: see validate."""
     fixed = fixed or {}
     file_values = load_yaml(config_file) if config_file else {}
-    preset = preset or file_values.get("preset") or overrides.get("preset") or "tiny"
+    # the same order as every other key: --preset > preset= > the config file > the script's default
+    preset = preset or overrides.get("preset") or file_values.get("preset") or default_preset
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
     mode = mode or overrides.get("mode") or file_values.get("mode") or fixed.get("mode") or "single"

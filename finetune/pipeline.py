@@ -81,11 +81,9 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
         mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
     with timer("imports"):
-        from finetune.model import add_lora, choose_backend, load_adapter_weights, load_base
+        from finetune.model import add_lora, load_adapter_weights, load_base
 
-        backend, backend_why = choose_backend(cfg.backend)
-        if backend == "unsloth":
-            import unsloth  # noqa: F401  (patches transformers/TRL/PEFT: import before them)
+        backend, backend_why = import_backend(cfg.backend)
         import transformers
         import trl  # noqa: F401
 
@@ -142,6 +140,26 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     return 0
 
 
+def import_backend(requested: str) -> tuple[str, str]:
+    """(backend, why), Unsloth imported when it is the one: it patches transformers/TRL/PEFT, so it comes
+    before them. `auto` falls back to PEFT when an installed Unsloth refuses to import (a GPU or driver it
+    does not support, a broken install); asked for by name, that is an error."""
+    from finetune.model import choose_backend
+
+    backend, why = choose_backend(requested)
+    if backend != "unsloth":
+        return backend, why
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # Unsloth raises more than ImportError at import (NotImplementedError, RuntimeError)
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        if requested == "unsloth":
+            raise config_mod.ConfigError(f"backend 'unsloth' requested but unsloth fails to import ({problem}); "
+                                         "fix the install (bash scripts/setup.sh) or use --backend hf") from None
+        return "hf", f"auto: unsloth is installed but fails to import ({problem}); training with PEFT"
+    return backend, why
+
+
 def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[dict]]:
     """{path: records} of every task file the stages will read, and the general-data files checked too:
     a bad record stops the run here, located, before any weights load (minutes per rank on the 30B
@@ -154,11 +172,15 @@ def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[di
 
 
 def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | None = None):
+    """A logger whose own files (its offline spool) go to `output_dir` (a stage's folder), and whose default
+    store (no mlflow_tracking_uri, no $MLFLOW_TRACKING_URI) is the run's one `cfg.output_dir/mlflow.db`:
+    the parent run and every stage's run in the same store, so the stages nest under the parent."""
     from callbacks.mlflow_logger import MLflowLoggerCallback
 
     return MLflowLoggerCallback(output_dir, tracking_uri=cfg.mlflow_tracking_uri or None,
                                 experiment=cfg.mlflow_experiment, run_name=run_name,
-                                parent_run_id=parent_run_id, require=cfg.mlflow_require)
+                                parent_run_id=parent_run_id, require=cfg.mlflow_require,
+                                store_dir=Path(cfg.output_dir))
 
 
 def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, params, model_info: dict, timer,

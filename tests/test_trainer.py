@@ -91,6 +91,22 @@ def test_rerun_with_another_config_names_the_changes_instead_of_reusing_the_stag
     assert "already complete; nothing to do" in same.stdout
 
 
+def test_unsloth_that_fails_to_import_falls_back_on_auto_and_stops_when_asked_for(tmp_path):
+    """An installed Unsloth that refuses to import (unsupported GPU, broken install): auto says why and
+    trains with PEFT; --backend unsloth is one error line."""
+    fake = tmp_path / "site" / "unsloth"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise NotImplementedError('Unsloth cannot find any torch accelerator')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO), str(REPO / "tests")])}
+    auto = ok(train("--mode", "single", "output_dir=out", *SMALL, "gen_eval=false", cwd=tmp_path, env=env))
+    assert ("backend: hf (auto: unsloth is installed but fails to import (NotImplementedError: Unsloth cannot "
+            "find any torch accelerator); training with PEFT)") in auto.stdout
+    assert summary(tmp_path / "out")["backend"] == "hf"
+    asked = train("--mode", "single", "--backend", "unsloth", "output_dir=out2", *SMALL, cwd=tmp_path, env=env)
+    assert asked.returncode == 1 and "Traceback" not in asked.stderr
+    assert "error: backend 'unsloth' requested but unsloth fails to import (NotImplementedError" in asked.stderr
+
+
 def test_bad_record_stops_the_run_before_the_model_loads(tmp_path):
     from data_tools.synth import generate
 

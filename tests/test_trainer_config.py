@@ -82,6 +82,21 @@ def test_rank_zero_tokenises_in_parallel_only_on_a_large_set(monkeypatch):
     assert args.dataset_num_proc == 2 and args.ddp_timeout == 5400
 
 
+def test_preset_follows_the_same_precedence_as_every_key(tmp_path):
+    yaml_file = str(tmp_path / "c.yaml")
+    Path(yaml_file).write_text("preset: qwen3-30b-a3b\n")
+
+    def preset(flag, items=(), config_file=None, **kw):  # dry_run: the production data need not exist here
+        return resolve(None, flag, config_file, parse_overrides(list(items)), {}, None, dry_run=True, **kw).preset
+
+    assert preset(None, config_file=yaml_file) == "qwen3-30b-a3b"
+    assert preset(None, ["preset=tiny"], yaml_file) == "tiny"  # the command line beats the file
+    assert preset("tiny", ["preset=qwen3-30b-a3b"]) == "tiny"  # the dedicated flag beats key=value
+    # a script's own default (the legacy script's production preset) is the lowest layer
+    assert preset(None, ["preset=tiny"], default_preset="qwen3-30b-a3b") == "tiny"
+    assert preset(None, default_preset="qwen3-30b-a3b") == "qwen3-30b-a3b"
+
+
 def test_unknown_preset_and_mode_list_the_valid_ones():
     with pytest.raises(ConfigError, match="valid presets: tiny, qwen3-30b-a3b"):
         resolve_with(preset="huge")
