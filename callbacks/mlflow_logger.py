@@ -11,6 +11,14 @@ callback logs all of that itself (use it *instead* of report_to="mlflow"):
 - metrics: every numeric value the trainer logs (train, eval, gen_*), per step;
 - artifacts: gen_metrics/gen_predictions files, config, run summary.
 
+Where: `tracking_uri`, else $MLFLOW_TRACKING_URI, else the sqlite store
+`<store_dir>/mlflow.db` (artifacts in `<store_dir>/mlartifacts`); `store_dir`
+defaults to `output_dir`. A run with several stages passes its top folder as
+`store_dir` to the parent's logger and to every stage's, so there is one store
+and the stages' runs nest under the parent (a nested run needs its parent in
+the same store); the per-stage files (the spool) stay in each stage's
+`output_dir`.
+
 Server trouble never stops training (unless `require=True`): the first failed
 call switches the logger offline, prints one warning, and everything after
 that is appended to `<output_dir>/mlflow_spool.jsonl`. Rank 0 only.
@@ -54,8 +62,9 @@ def flatten_params(values: dict, prefix: str = "") -> dict[str, str]:
 
 
 def metric_name(name: str) -> str:
-    """MLflow rejects names outside [alphanumerics _ - . space : /], e.g. Axolotl's
-    "memory/max_active (GiB)"; one bad name would fail the whole batch."""
+    """MLflow rejects metric and param names outside [alphanumerics _ - . space : /], e.g. Axolotl's
+    "memory/max_active (GiB)" or the data source "(none)"; one bad name would fail the whole batch
+    (and switch the logger offline)."""
     return _NOT_IN_METRIC_NAME.sub("_", name)
 
 
@@ -68,10 +77,12 @@ class MLflowLoggerCallback(TrainerCallback):
                  experiment: str = "qwen-finetune", run_name: str | None = None,
                  params: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  require: bool = False, artifact_globs: tuple[str, ...] = ("gen_metrics_step*.json",
-                                                                           "gen_predictions_step*.jsonl")):
-        self.output_dir = Path(output_dir)
+                                                                           "gen_predictions_step*.jsonl"),
+                 store_dir: str | os.PathLike | None = None):
+        self.output_dir = Path(output_dir)  # this run's own files: the offline spool
+        self.store_dir = Path(store_dir) if store_dir is not None else self.output_dir  # the default store's
         self.tracking_uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                             or f"sqlite:///{(self.output_dir / 'mlflow.db').resolve()}")
+                             or f"sqlite:///{(self.store_dir / 'mlflow.db').resolve()}")
         self.experiment = experiment
         self.run_name = run_name
         self.params = params or {}
@@ -95,6 +106,8 @@ class MLflowLoggerCallback(TrainerCallback):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             from mlflow import MlflowClient
 
+            if self.tracking_uri.startswith("sqlite:///"):  # sqlite creates the file, not its folder
+                Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -142,7 +155,7 @@ class MLflowLoggerCallback(TrainerCallback):
 
     def _artifact_location(self) -> str | None:
         if self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri:
-            return (self.output_dir / "mlartifacts").resolve().as_uri()
+            return (self.store_dir / "mlartifacts").resolve().as_uri()
         return None  # a tracking server chooses (or proxies) its artifact store
 
     def log_params(self, params: dict) -> None:
@@ -150,7 +163,7 @@ class MLflowLoggerCallback(TrainerCallback):
             return
         from mlflow.entities import Param
 
-        flat = flatten_params(redact(params))
+        flat = {metric_name(k): v for k, v in flatten_params(redact(params)).items()}
 
         def send():
             items = [Param(k, v) for k, v in flat.items()]

@@ -78,6 +78,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
 
     with timer("data_check"):
         data = read_run_data(cfg, todo)
+    if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]:
+        check_expert_dropout(cfg)
     if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
         mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
     with timer("imports"):
@@ -138,6 +140,19 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         parent.end()
     print_summary(cfg, summaries)
     return 0
+
+
+def check_expert_dropout(cfg: FinetuneConfig) -> None:
+    """`auto` targets put LoRA on a MoE's fused experts, where PEFT has no dropout: known from the model's
+    config (cache, shipped copy or hub), so said before minutes of loading instead of after."""
+    from finetune.moe import is_moe
+    from finetune.preflight import load_model_config
+
+    if is_moe(load_model_config(cfg)[0]):
+        raise config_mod.ConfigError(
+            f"lora_dropout is {cfg.lora_dropout}, but {cfg.model_name} is a MoE whose fused experts get LoRA "
+            "(lora_target_parameters=auto) and PEFT cannot apply dropout to them: set lora_dropout=0, or "
+            "lora_target_parameters= (empty) to leave the experts out")
 
 
 def import_backend(requested: str) -> tuple[str, str]:

@@ -175,9 +175,13 @@ def file_problems(raw: dict, config: Path, num_gpus: int) -> list[Problem]:
 
 
 def _resolve(path: str, base: Path) -> Path:
-    # Axolotl resolves relative paths against the working directory: the repository root here.
+    """Axolotl opens a relative path from its working directory, which depends on how it is launched (our
+    launcher: the repository root); a config kept elsewhere usually names files beside it. The first of
+    working directory, the config's folder and the repository root that has it (else as written)."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
+    if p.is_absolute():
+        return p
+    return next((c for c in (Path.cwd() / p, base / p, REPO / p) if c.exists()), p)
 
 
 def other_problems(raw: dict, found: dict, reported: set[str]) -> list[Problem]:

@@ -27,9 +27,12 @@ def test_check_reports_every_problem_of_the_seed_plan(tmp_path, axolotl_ready):
     # "train_batch_size=64 vs HF calculated=16" on one GPU (seeds 000).
     shutil.copy(SEED_PLAN, tmp_path / "plan.yml")
     shutil.copy(REPO / "tests" / "fixtures" / "seed_zero2.json", tmp_path)
-    result = check(tmp_path / "plan.yml", "--num-gpus", "1", cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # checked from another folder: the ZeRO file beside the config is found
+    elsewhere.mkdir()
+    result = check(tmp_path / "plan.yml", "--num-gpus", "1", cwd=elsewhere)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = "\n".join(problem_lines(result))
+    assert "file not found" not in errors
     assert "datasets_eval: unknown to Axolotl" in errors and "use test_datasets" in errors
     assert "chat_template: 'qwen3_instruct' is not a valid Axolotl chat template" in errors
     assert "datasets[0].type: unknown dataset type 'custom_instruction'" in errors

@@ -107,6 +107,16 @@ def test_unsloth_that_fails_to_import_falls_back_on_auto_and_stops_when_asked_fo
     assert "error: backend 'unsloth' requested but unsloth fails to import (NotImplementedError" in asked.stderr
 
 
+def test_dropout_on_auto_expert_targets_stops_before_the_model_loads(tmp_path):
+    result = train("--mode", "single", "--backend", "hf", "output_dir=out", "model_name=tiny-moe",
+                   "lora_dropout=0.1", *SMALL, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "tiny-moe is a MoE whose fused experts get LoRA" in result.stderr and "lora_dropout=0" in result.stderr
+    assert "[time] imports" not in result.stdout and "backend:" not in result.stdout
+    ok(train("--mode", "single", "--backend", "hf", "output_dir=dense", "model_name=tiny-dense", "lora_dropout=0.1",
+             *SMALL, "max_steps=1", "gen_eval=false", cwd=tmp_path))  # a dense model takes dropout
+
+
 def test_bad_record_stops_the_run_before_the_model_loads(tmp_path):
     from data_tools.synth import generate
 
