@@ -234,8 +234,10 @@ def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
     assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.ndim == 3
 
 
-def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path):
-    args = ["--mode", "single", "--backend", "hf", "output_dir=out", "gen_eval=false", *SMALL,
+def test_resume_after_sigkill_is_the_run_it_replaced(tmp_path):
+    """Killed after its checkpoint at step 2 and resumed: the same losses step by step and the same final
+    generation metrics as an uninterrupted run (same data order, schedule, optimizer and RNG state)."""
+    args = ["--mode", "single", "--backend", "hf", "output_dir=out", *SMALL,
             "max_steps=6", "save_steps=2", "extra_callbacks=trainer_hooks.SlowSteps"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "SLOW_FROM_STEP": "2", "SLOW_STEP_SECONDS": "30"}
@@ -256,7 +258,16 @@ def test_resume_after_sigkill_finishes_with_the_same_step_count(tmp_path):
     resumed = ok(train(*args, "--resume", cwd=tmp_path, env={"SLOW_STEP_SECONDS": "0"}))
     assert "resuming from" in resumed.stdout
     s = summary(tmp_path / "out")
-    assert s["global_step"] == 6 and s["train_losses"][-1][0] == 6
+    assert s["global_step"] == 6 and [step for step, _ in s["train_losses"]] == [1, 2, 3, 4, 5, 6]
+
+    whole_args = [a if a != "output_dir=out" else "output_dir=whole" for a in args]
+    ok(train(*whole_args, cwd=tmp_path, env={"SLOW_STEP_SECONDS": "0"}))
+    whole = summary(tmp_path / "whole")
+    for (step, loss), (_, expected) in zip(s["train_losses"], whole["train_losses"], strict=True):
+        assert loss == pytest.approx(expected, rel=1e-5), step
+    gen = {k: v for k, v in s["metrics"].items() if k.startswith("gen_")}
+    assert gen and gen == {k: v for k, v in whole["metrics"].items() if k.startswith("gen_")}
+    assert s["metrics"]["eval_loss"] == pytest.approx(whole["metrics"]["eval_loss"], rel=1e-5)
 
 
 def test_watchdog_stays_quiet_through_slow_evaluations_and_saves_and_fires_on_a_slow_step(tmp_path):
