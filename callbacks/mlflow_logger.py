@@ -8,7 +8,8 @@ callback logs all of that itself (use it *instead* of report_to="mlflow"):
 
 - params: the run's own description (resolved config, LoRA config, data file
   hashes and counts, backend, library versions), flattened, secrets redacted;
-- metrics: every numeric value the trainer logs (train, eval, gen_*), per step;
+- metrics: every numeric value the trainer logs (train, eval, gen_*), per step
+  (a value already logged for the same step is not logged again);
 - artifacts: gen_metrics/gen_predictions files, config, run summary.
 
 Where: `tracking_uri`, else $MLFLOW_TRACKING_URI, else the sqlite store
@@ -19,9 +20,27 @@ and the stages' runs nest under the parent (a nested run needs its parent in
 the same store); the per-stage files (the spool) stay in each stage's
 `output_dir`.
 
-Server trouble never stops training (unless `require=True`): the first failed
-call switches the logger offline, prints one warning, and everything after
-that is appended to `<output_dir>/mlflow_spool.jsonl`. Rank 0 only.
+Server trouble never stops training (unless `require=True`):
+- a transient failure (connection refused or reset, timeout, HTTP 5xx, 429,
+  401/403) is retried with a short backoff, `retry_s` seconds in all
+  (default 4, $MLFLOW_LOGGER_RETRY_S); if it still fails (no connection, or
+  an error answer while a probe gets no answer either), the logger goes
+  offline: one warning, and every record from then on is appended to
+  `<output_dir>/mlflow_spool.jsonl`;
+- a record the server refuses (an invalid value or name, a changed param:
+  4xx; or a request that keeps failing while the server answers a probe) is
+  reported in one warning line naming it and skipped, the logger stays
+  online; a batch is then sent item by item so that only the refused items
+  are lost;
+- offline, a log call probes the server again every `reconnect_s` seconds
+  (default 30, $MLFLOW_LOGGER_RECONNECT_S); once it answers, the spool is
+  replayed into the same run, in order (params, metrics with their original
+  steps and timestamps, tags, artifacts, end status), at most a few seconds per
+  log call until it is empty, then logging is live again; `end()` makes a last
+  attempt. A run whose creation was spooled (server down from the start) is
+  created by the replay, with its original start time;
+- what is left when the run ends is replayed by
+  `python qwen_finetune.py mlflow-replay OUTPUT_DIR` (`callbacks/mlflow_spool.py`).
 """
 
 from __future__ import annotations
@@ -29,20 +48,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from callbacks.redact import redact, redact_text
+from callbacks.mlflow_spool import (DEFAULT_EXPERIMENT, SPOOL_NAME, Spool, Store, _brief, _client,
+                                    _env_seconds, _jsonable, _now_ms, _warn, drain, with_retries)
 
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover
-    TrainerCallback = object
-
-SPOOL_NAME = "mlflow_spool.jsonl"
 _NOT_IN_METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. :/]")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value (8000 on recent servers)
+DRAIN_SECONDS_PER_CALL = 5.0  # replaying a long spool during training: at most this much per log call
+MAX_WARNINGS = 20  # rejection warnings per logger; then one line says that more are not shown
 
 
 class MLflowUnavailable(RuntimeError):
@@ -63,8 +81,7 @@ def flatten_params(values: dict, prefix: str = "") -> dict[str, str]:
 
 def metric_name(name: str) -> str:
     """MLflow rejects metric and param names outside [alphanumerics _ - . space : /], e.g. Axolotl's
-    "memory/max_active (GiB)" or the data source "(none)"; one bad name would fail the whole batch
-    (and switch the logger offline)."""
+    "memory/max_active (GiB)" or the data source "(none)"; one bad name would fail the whole batch."""
     return _NOT_IN_METRIC_NAME.sub("_", name)
 
 
@@ -72,13 +89,22 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class MLflowLoggerCallback(TrainerCallback):
+# ------------------------------------------------------------------ the logger
+class MLflowLogger:
+    """The logger, with the trainer hooks of a transformers callback; `MLflowLoggerCallback` below is the
+    same class deriving from transformers' TrainerCallback."""
+
     def __init__(self, output_dir: str | os.PathLike, *, tracking_uri: str | None = None,
-                 experiment: str = "qwen-finetune", run_name: str | None = None,
+                 experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
                  params: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  require: bool = False, artifact_globs: tuple[str, ...] = ("gen_metrics_step*.json",
                                                                            "gen_predictions_step*.jsonl"),
-                 store_dir: str | os.PathLike | None = None):
+                 store_dir: str | os.PathLike | None = None, parent: MLflowLogger | None = None,
+                 retry_s: float | None = None, reconnect_s: float | None = None):
+        """`parent`: the logger of the parent run (two stages), when its run may not exist yet (created
+        by a replay); `parent_run_id` otherwise. `retry_s`: the retries' time budget per call
+        ($MLFLOW_LOGGER_RETRY_S, 4); `reconnect_s`: offline, how often a log call probes the server
+        ($MLFLOW_LOGGER_RECONNECT_S, 30)."""
         self.output_dir = Path(output_dir)  # this run's own files: the offline spool
         self.store_dir = Path(store_dir) if store_dir is not None else self.output_dir  # the default store's
         self.tracking_uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -87,109 +113,215 @@ class MLflowLoggerCallback(TrainerCallback):
         self.run_name = run_name
         self.params = params or {}
         self.parent_run_id = parent_run_id
+        self.parent = parent
         self.require = require
         self.artifact_globs = artifact_globs
+        self.retry_s = _env_seconds(retry_s, "MLFLOW_LOGGER_RETRY_S", 4.0)
+        self.reconnect_s = _env_seconds(reconnect_s, "MLFLOW_LOGGER_RECONNECT_S", 30.0)
+        self.local_id = uuid.uuid4().hex
         self.run_id: str | None = None
         self.offline = False
+        self.spool = Spool(self.output_dir / SPOOL_NAME)
+        self.spooled = self.replayed = self.rejected = 0
         self._client = None
+        self._store: Store | None = None
+        self._started = False
+        self._backlog: bool | None = None  # undelivered records in the spool (None: not looked yet)
+        self._last_probe = float("-inf")
         self._logged_artifacts: set[str] = set()
+        self._last_metric: dict[str, tuple[int, float]] = {}
+        self._warnings = 0
 
     # ----------------------------------------------------------- client
     @property
     def spool_path(self) -> Path:
-        return self.output_dir / SPOOL_NAME
+        return self.spool.path
 
     def _mlflow_client(self):
         if self._client is None:
-            # Fail in seconds, not minutes of retries, when the server is gone.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-            from mlflow import MlflowClient
-
-            if self.tracking_uri.startswith("sqlite:///"):  # sqlite creates the file, not its folder
-                Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = _client(self.tracking_uri)
         return self._client
 
-    def _send(self, kind: str, payload: dict, action) -> None:
-        """Run `action` against the server, or spool `payload` when offline / on failure."""
-        if not self.offline:
-            try:
-                action()
-                return
-            except Exception as e:  # any transport or server error: keep training
-                if self.require:
-                    raise MLflowUnavailable(f"MLflow at {redact_text(self.tracking_uri)} failed and "
-                                            f"require=True: {type(e).__name__}: {redact_text(str(e))[:300]}") from None
-                self.offline = True
-                print(f"warning: MLflow at {redact_text(self.tracking_uri)} is unreachable "
-                      f"({type(e).__name__}: {redact_text(str(e))[:300]}); training goes on, "
-                      f"logging is kept in {self.spool_path}",
-                      file=sys.stderr, flush=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.spool_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": kind, "run_id": self.run_id, **redact(payload)},
-                               ensure_ascii=False, default=str) + "\n")
-
-    def check(self) -> None:
-        """Reach the server now (before minutes of model loading) when it is required."""
-        self._send("check", {}, lambda: self._mlflow_client().search_experiments(max_results=1))
-
-    # ----------------------------------------------------------- run lifecycle
-    def start(self, extra_params: dict | None = None) -> str | None:
-        """Create the run (and log params); usable before a trainer exists (parent runs)."""
-        if not _is_rank_zero() or self.run_id is not None:
-            return self.run_id
-
-        def create():
-            client = self._mlflow_client()
-            exp = client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(
-                self.experiment, artifact_location=self._artifact_location())
-            tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
-            self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
-
-        self._send("start", {"experiment": self.experiment, "run_name": self.run_name}, create)
-        self.log_params({**self.params, **(extra_params or {})})
-        return self.run_id
+    def _get_store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self._mlflow_client(), self._artifact_location())
+        return self._store
 
     def _artifact_location(self) -> str | None:
         if self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri:
             return (self.store_dir / "mlartifacts").resolve().as_uri()
         return None  # a tracking server chooses (or proxies) its artifact store
 
+    def _say(self, text: str, *, rejection: bool = False) -> None:
+        if rejection:
+            self._warnings += 1
+            if self._warnings > MAX_WARNINGS:
+                if self._warnings == MAX_WARNINGS + 1:
+                    _warn("warning: MLflow rejected more records; further rejections are not shown")
+                return
+        _warn(text)
+
+    def _uri(self) -> str:
+        return redact_text(self.tracking_uri)
+
+    # ----------------------------------------------------------- sending
+    def _record(self, kind: str, **fields) -> dict:
+        return {"kind": kind, "run_id": self.run_id, "local_id": self.local_id, "experiment": self.experiment,
+                "time": _now_ms(), **fields}
+
+    def _has_backlog(self) -> bool:
+        if self._backlog is None:  # a spool left by an earlier process (a resumed stage): replayed first
+            self._backlog = self.spool.path.exists() and self.spool.pending() > 0
+        return self._backlog
+
+    def _submit(self, record: dict) -> None:
+        """Deliver `record` now, or keep it in the spool (in order, behind what waits there)."""
+        if self.offline and time.monotonic() - self._last_probe >= self.reconnect_s:
+            self._reconnect()
+        if not self.offline and self._has_backlog():
+            self._drain(DRAIN_SECONDS_PER_CALL)
+        if not self.offline and not self._has_backlog():
+            try:
+                store = self._get_store()
+            except Exception as e:  # e.g. a sqlite store that cannot be opened
+                ok, problems, error = False, [], e
+            else:
+                ok, problems, error = store.deliver_resilient([record], self.retry_s)
+            self._learn_run_id()
+            self._report(problems)
+            if ok:
+                return
+            if self.require:
+                raise MLflowUnavailable(f"MLflow at {self._uri()} failed and require=True: {_brief(error)}")
+            self.offline = True
+            self._last_probe = time.monotonic()
+            self._say(f"warning: MLflow at {self._uri()} is unreachable ({_brief(error)}); training goes on, "
+                      f"logging is kept in {self.spool.path} and replayed into the same run when the server "
+                      f"answers again (checked every {self.reconnect_s:g}s)")
+        self._append(record)
+
+    def _append(self, record: dict) -> None:
+        if self.spool._lock_file is None and not self.spool.lock(wait_s=10):
+            self._say(f"warning: another process holds {self.spool.lock_path}; spooling anyway")
+        if not self.spooled or not self.spool.path.exists():
+            record = {**record, "uri": self._uri()}  # where it was going: mlflow-replay's default
+        self.spool.append(record)
+        self.spooled += 1
+        self._backlog = True
+
+    def _report(self, problems: list[str]) -> None:
+        for problem in problems:
+            self.rejected += 1
+            self._say(f"warning: MLflow at {self._uri()} rejected {problem}; skipped, logging goes on",
+                      rejection=True)
+
+    def _learn_run_id(self) -> None:
+        if self.run_id is None and self._store is not None:
+            self.run_id = self._store.runs.get(self.local_id)
+
+    def _reconnect(self) -> bool:
+        self._last_probe = time.monotonic()
+        try:
+            if not self._get_store().answers():
+                return False
+        except Exception:
+            return False
+        self.offline = False
+        if self._has_backlog():
+            self._say(f"MLflow at {self._uri()} answers again: replaying {self.spool.pending()} spooled records "
+                      f"from {self.spool.path}")
+        return True
+
+    def _drain(self, budget_s: float | None) -> None:
+        if self.parent is not None and self.parent is not self and self.parent._backlog:
+            self.parent.flush()  # the parent's run first: a stage's creation names it
+        if not self.spool.lock(wait_s=10):
+            self._say(f"warning: another process is replaying {self.spool.path}; replay here later")
+            return
+        delivered, rejected, error = drain(self.spool, self._get_store(), retry_s=self.retry_s, budget_s=budget_s,
+                                           warn=lambda text: self._say(text, rejection=True))
+        self.replayed += delivered
+        self.rejected += rejected
+        self._learn_run_id()
+        if error is not None:
+            self.offline = True
+            self._last_probe = time.monotonic()
+            self._say(f"warning: MLflow at {self._uri()} is unreachable again ({_brief(error)}); "
+                      f"{self.spool.pending()} records wait in {self.spool.path}")
+        elif not self.spool.path.exists():
+            self._backlog = False
+            self._say(f"MLflow: {self.replayed} spooled records replayed from {self.spool.path}; logging live again")
+
+    def flush(self) -> None:
+        """Try now (whatever the reconnect interval) to deliver everything that waits in the spool."""
+        if not _is_rank_zero():
+            return
+        if self.offline:
+            self._reconnect()
+        if not self.offline and self._has_backlog():
+            self._drain(None)
+
+    def spool_counts(self) -> dict[str, int] | None:
+        """{"spooled", "replayed", "pending", "rejected"} when the server was unreachable at some point or
+        refused something; None otherwise."""
+        pending = self.spool.pending() if self.spool.path.exists() else 0
+        counts = {"spooled": self.spooled, "replayed": self.replayed, "pending": pending, "rejected": self.rejected}
+        return counts if any(counts.values()) else None
+
+    def check(self) -> None:
+        """Reach the server now (before minutes of model loading) when it is required."""
+        try:
+            with_retries(lambda: self._mlflow_client().search_experiments(max_results=1), self.retry_s)
+        except Exception as e:
+            if self.require:
+                raise MLflowUnavailable(f"MLflow at {self._uri()} failed and require=True: {_brief(e)}") from None
+            self.offline = True
+            self._last_probe = time.monotonic()
+            self._say(f"warning: MLflow at {self._uri()} is unreachable ({_brief(e)})")
+
+    # ----------------------------------------------------------- run lifecycle
+    def start(self, extra_params: dict | None = None) -> str | None:
+        """Create the run (and log params); usable before a trainer exists (parent runs)."""
+        if not _is_rank_zero() or self._started:
+            return self.run_id
+        self._started = True
+        parent_run_id = self.parent_run_id
+        if self.parent is not None and parent_run_id is None:
+            if self.parent.run_id is None:
+                self.parent.flush()  # the server may be back since the parent started
+            parent_run_id = self.parent.run_id
+        self._submit(self._record(
+            "start", run_name=redact_text(self.run_name) if self.run_name else None, parent_run_id=parent_run_id,
+            parent_local_id=self.parent.local_id if self.parent is not None and not parent_run_id else None,
+            start_time=_now_ms()))
+        self.log_params({**self.params, **(extra_params or {})})
+        return self.run_id
+
     def log_params(self, params: dict) -> None:
         if not params or not _is_rank_zero():
             return
-        from mlflow.entities import Param
-
         flat = {metric_name(k): v for k, v in flatten_params(redact(params)).items()}
+        self._submit(self._record("params", params=flat))
 
-        def send():
-            items = [Param(k, v) for k, v in flat.items()]
-            for i in range(0, len(items), 100):
-                self._mlflow_client().log_batch(self.run_id, params=items[i:i + 100])
-
-        self._send("params", {"params": flat}, send)
+    def log_tags(self, tags: dict) -> None:
+        if not tags or not _is_rank_zero():
+            return
+        self._submit(self._record("tags", tags={metric_name(k): str(v) for k, v in redact(tags).items()}))
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         numeric = {metric_name(k): float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # the same value for the same step (e.g. the final eval, logged by the trainer and in the summary)
+        numeric = {k: v for k, v in numeric.items() if self._last_metric.get(k) != (step, v)}
         if not numeric or not _is_rank_zero():
             return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._send("metrics", {"step": step, "metrics": numeric}, lambda: self._mlflow_client().log_batch(
-            self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()]))
+        self._last_metric.update({k: (step, v) for k, v in numeric.items()})
+        self._submit(self._record("metrics", step=int(step), timestamp=_now_ms(), metrics=numeric))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not path.is_file() or not _is_rank_zero():
             return
-        self._send("artifact", {"path": str(path), "artifact_path": artifact_path},
-                   lambda: self._mlflow_client().log_artifact(self.run_id, str(path), artifact_path))
+        self._submit(self._record("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path))
 
     def log_new_artifacts(self, directory: Path) -> None:
         for pattern in self.artifact_globs:
@@ -199,11 +331,17 @@ class MLflowLoggerCallback(TrainerCallback):
                     self.log_artifact(path, "generation_eval")
 
     def end(self, status: str = "FINISHED", files: tuple[Path, ...] = ()) -> None:
-        if not _is_rank_zero() or self.run_id is None and not self.offline:
+        if not _is_rank_zero() or not self._started:
             return
         for path in files:
             self.log_artifact(path)
-        self._send("end", {"status": status}, lambda: self._mlflow_client().set_terminated(self.run_id, status))
+        self._submit(self._record("end", status=status, end_time=_now_ms()))
+        self.flush()  # a last attempt for what waits in the spool
+        if self._has_backlog():
+            self._say(f"warning: {self.spool.pending()} MLflow records of run {self.run_id or '(not created yet)'} "
+                      f"remain in {self.spool.path}; once the server answers, deliver them with "
+                      f"`python qwen_finetune.py mlflow-replay {self.store_dir}` (safe to repeat)")
+        self.spool.unlock()
 
     # ----------------------------------------------------------- trainer hooks
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -222,11 +360,11 @@ class MLflowLoggerCallback(TrainerCallback):
         self.log_new_artifacts(Path(args.output_dir))
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+def _trainer_callback():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class MLflowLoggerCallback(MLflowLogger, _trainer_callback()):
+    """`MLflowLogger` as a transformers callback (our trainer, Axolotl's plugin)."""

@@ -55,6 +55,10 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
         from finetune.export import main as export_main
 
         return export_main(argv[1:], prog)
+    if argv and argv[0] == "mlflow-replay":
+        from callbacks.mlflow_spool import replay_main
+
+        return replay_main(argv[1:], prog)
     args, extra = build_parser(prog, description).parse_known_args(argv)
     if args.help_config:
         for key, value in config_mod.to_dict(config_mod.FinetuneConfig()).items():

@@ -132,13 +132,13 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
             load_adapter_weights(model, previous / "adapter")
             say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
         summaries.append(train_stage(cfg, stage, data, model, tokenizer, backend, plan, params, model_info, timer,
-                                     resume, parent.run_id if parent else None))
+                                     resume, parent))
         gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
         _empty_cuda_cache()
         previous = None  # the model in memory now carries this stage's adapter
     if parent is not None:
         parent.end()
-    print_summary(cfg, summaries)
+    print_summary(cfg, summaries, parent.spool_counts() if parent is not None else None)
     return 0
 
 
@@ -186,20 +186,21 @@ def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[di
     return data
 
 
-def mlflow_logger(cfg, output_dir: Path, run_name: str, parent_run_id: str | None = None):
+def mlflow_logger(cfg, output_dir: Path, run_name: str, parent=None):
     """A logger whose own files (its offline spool) go to `output_dir` (a stage's folder), and whose default
     store (no mlflow_tracking_uri, no $MLFLOW_TRACKING_URI) is the run's one `cfg.output_dir/mlflow.db`:
-    the parent run and every stage's run in the same store, so the stages nest under the parent."""
+    the parent run and every stage's run in the same store, so the stages nest under the parent. `parent`:
+    the parent run's logger (its run may only be created by a replay, when the server was down at start)."""
     from callbacks.mlflow_logger import MLflowLoggerCallback
 
     return MLflowLoggerCallback(output_dir, tracking_uri=cfg.mlflow_tracking_uri or None,
                                 experiment=cfg.mlflow_experiment, run_name=run_name,
-                                parent_run_id=parent_run_id, require=cfg.mlflow_require,
+                                parent=parent, require=cfg.mlflow_require,
                                 store_dir=Path(cfg.output_dir))
 
 
 def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, params, model_info: dict, timer,
-                resume, parent_run_id: str | None = None) -> dict:
+                resume, parent_logger=None) -> dict:
     """One stage; `data`: read_run_data's records; `model_info`: the router aux-loss setting and the weight
     storage per category."""
     from finetune.model import attention_implementation
@@ -244,8 +245,8 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
     libraries = library_versions()
     tracker = None
     if cfg.mlflow:
-        run_name = stage.name if parent_run_id else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
-        tracker = mlflow_logger(cfg, out, run_name, parent_run_id)
+        run_name = stage.name if parent_logger else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
+        tracker = mlflow_logger(cfg, out, run_name, parent_logger)
         tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
                           "data": data_identity, "libraries": libraries,
                           "trainable_parameters": params["trainable_by_category"]}
@@ -312,6 +313,10 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         if tracker is not None:
             tracker.log_metrics(metrics, trainer.state.global_step)
             tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
+            summary["mlflow_run_id"] = tracker.run_id  # created late when the server was down at the start
+            if tracker.spool_counts():  # the server was unreachable for a while (or refused records)
+                summary["mlflow_spool"] = tracker.spool_counts()
+                write_json(out / "run_summary.json", summary)
         (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
     trainer.accelerator.wait_for_everyone()
     release(trainer)
@@ -337,7 +342,8 @@ def release(trainer) -> None:
         param.__dict__.pop("_hp_mapping", None)
 
 
-def print_summary(cfg: FinetuneConfig, summaries: list[dict]) -> None:
+def print_summary(cfg: FinetuneConfig, summaries: list[dict], mlflow_parent: dict | None = None) -> None:
+    """`mlflow_parent`: the parent run's spool counts (two-stage), when it had any."""
     say("\n=== run summary ===")
     for s in summaries:
         m = s["metrics"]
@@ -352,8 +358,24 @@ def print_summary(cfg: FinetuneConfig, summaries: list[dict]) -> None:
         gen = {k: v for k, v in m.items() if k in SUMMARY_METRICS}
         if gen:
             say("         " + ", ".join(f"{k} {v:.3f}" for k, v in gen.items()))
+        if s.get("mlflow_spool"):
+            say("         " + describe_spool(s["mlflow_spool"], cfg))
+    if mlflow_parent:
+        say("  parent: " + describe_spool(mlflow_parent, cfg))
     if summaries:
         say(f"adapter: {Path(cfg.output_dir) / summaries[-1]['stage'] / 'adapter'}")
+
+
+def describe_spool(counts: dict, cfg: FinetuneConfig) -> str:
+    """One line: what the MLflow logger kept in its spool while the server was unreachable, and its fate."""
+    text = (f"mlflow: {counts['spooled']} records spooled while the server was unreachable, "
+            f"{counts['replayed']} replayed")
+    if counts.get("rejected"):
+        text += f", {counts['rejected']} rejected by the server"
+    if counts.get("pending"):
+        text += (f", {counts['pending']} still in the spool: python qwen_finetune.py mlflow-replay "
+                 f"{cfg.output_dir}")
+    return text
 
 
 def _import_object(dotted: str):
