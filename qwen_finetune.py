@@ -7,6 +7,7 @@
     python qwen_finetune.py --preset qwen3-30b-a3b --dry-run --nproc 4 \\
         --deepspeed deepspeed_configs/zero2.json             # preflight report, no training
     python qwen_finetune.py export --adapter outputs/tiny/single/adapter --out exported --merge
+    python qwen_finetune.py mlflow-replay outputs/qwen3-30b-a3b   # deliver what MLflow missed while down
 
 Modes: `single` = bf16 LoRA, one stage over the negative-sampled mix;
 `two-stage` = 4-bit NF4 QLoRA, stage1 on the positives then stage2 on the mix,
