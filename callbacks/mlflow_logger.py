@@ -303,11 +303,6 @@ class MLflowLogger:
         flat = {metric_name(k): v for k, v in flatten_params(redact(params)).items()}
         self._submit(self._record("params", params=flat))
 
-    def log_tags(self, tags: dict) -> None:
-        if not tags or not _is_rank_zero():
-            return
-        self._submit(self._record("tags", tags={metric_name(k): str(v) for k, v in redact(tags).items()}))
-
     def log_metrics(self, metrics: dict, step: int) -> None:
         numeric = {metric_name(k): float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -311,18 +311,14 @@ class Store:
                 return self._batches(items, MAX_METRICS_PER_BATCH,
                                      lambda chunk: self.client.log_batch(run_id, metrics=chunk),
                                      lambda m: f"metric '{m.key}' at step {m.step}", lenient)
-            if kind in ("params", "tags"):
-                from mlflow.entities import Param, RunTag
+            if kind == "params":
+                from mlflow.entities import Param
 
                 run_id = self.run_of(records[0])
-                if kind == "params":
-                    items = [Param(k, str(v)) for k, v in records[0]["params"].items()]
-                    send = lambda chunk: self.client.log_batch(run_id, params=chunk)  # noqa: E731
-                else:
-                    items = [RunTag(k, str(v)) for k, v in records[0]["tags"].items()]
-                    send = lambda chunk: self.client.log_batch(run_id, tags=chunk)  # noqa: E731
-                return self._batches(items, MAX_PARAMS_PER_BATCH, send,
-                                     lambda p: f"{kind[:-1]} '{p.key}'", lenient)
+                items = [Param(k, str(v)) for k, v in records[0]["params"].items()]
+                return self._batches(items, MAX_PARAMS_PER_BATCH,
+                                     lambda chunk: self.client.log_batch(run_id, params=chunk),
+                                     lambda p: f"param '{p.key}'", lenient)
             if kind == "start":
                 self._start(records[0])
             elif kind == "artifact":
