@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 GENERAL = "data/tiny/general_text.jsonl"
 
 from results import append_section  # noqa: E402  (after the path insert)
-TASK = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_all_fields_exact_match_rate",
+TASK = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1", "gen_all_fields_exact_match_rate",
         "gen_negative_hallucination_rate")
 
 
@@ -64,7 +64,7 @@ def main() -> int:
                              "base": m["general_loss_base"], "tuned": m["general_loss_tuned"],
                              "increase": m["general_loss_increase"], **{k: m.get(k, float("nan")) for k in TASK}})
     header = ("| lambda | rehearsal ratio | steps | train s | general loss base | tuned | increase | "
-              "parse | presence F1 | exact | halluc. |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+              "parse | presence F1 | name F1 | exact | halluc. |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     table = header + "".join(
         f"| {r['lambda']} | {r['ratio']} ({r['rehearsal']} ex.) | {r['steps']} | {r['seconds']:.0f} | "
         f"{r['base']:.4f} | {r['tuned']:.4f} | **{r['increase']:+.4f}** | "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_tools import axolotl_data, convert, prepare, split, stats, synth, tiny_model, validate
+from data_tools import axolotl_data, convert, prepare, split, stats, synth, validate
 from data_tools.records import DataError
 
 COMMANDS = {
@@ -15,7 +15,6 @@ COMMANDS = {
     "convert": convert,
     "split": split,
     "stats": stats,
-    "tiny-model": tiny_model,
     "axolotl-data": axolotl_data,
 }
 

@@ -17,6 +17,15 @@ from typing import Sequence
 
 from callbacks.metrics import DEFAULT_FIELDS
 
+# Qwen3-2507-Instruct style (no thinking block, one turn per message): the tiny models' own template,
+# and `chat_template=qwen3_2507` for a model without one.
+QWEN3_2507_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 _FIELD_DESCRIPTIONS = {
     "name": "氏名",
     "age": "年齢（数値）",

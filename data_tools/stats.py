@@ -28,8 +28,10 @@ def token_lengths(records: list[dict], tokenizer) -> list[int]:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    tok = tokenizer
-    return [len(tok.apply_chat_template(record_messages(r), tokenize=True, return_dict=False)) for r in records]
+    # Render every chat, then tokenise the texts in batches (what apply_chat_template(tokenize=True) does one
+    # by one; the batched fast tokenizer is ~10x quicker on a full-scale file).
+    texts = [tokenizer.apply_chat_template(record_messages(r), tokenize=False) for r in records]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def describe(records: list[dict]) -> dict:

@@ -19,12 +19,11 @@ MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 
 def resolve_model_path(name: str) -> str:
-    """The tiny names point at the locally built models; anything else is a hub id or a folder."""
+    """The tiny names point at the models shipped in tiny/; anything else is a hub id or a folder."""
     if name in TINY_MODELS:
-        from data_tools.tiny_model import ensure_tiny_models
+        from tiny import model_dir
 
-        models = ensure_tiny_models()
-        return str(models.dense if name == "tiny-dense" else models.moe)
+        return str(model_dir(name))
     return name
 
 
@@ -78,9 +77,9 @@ def apply_chat_template_choice(tokenizer, cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{cfg.model_name} has no chat template of its own; set "
                               "chat_template=qwen3_2507")
         return
-    from data_tools.tiny_model import CHAT_TEMPLATE
+    from data_tools.prompt import QWEN3_2507_CHAT_TEMPLATE
 
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_2507_CHAT_TEMPLATE
 
 
 def load_tokenizer(cfg: FinetuneConfig, **hub_kwargs):

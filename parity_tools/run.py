@@ -30,8 +30,9 @@ from parity_tools import compare as cmp
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
 from parity_tools.evaluate import evaluate
 
-# "Learnt" means: beats the untrained base by at least this much on both.
-LEARNT_MARGIN = {"gen_json_parse_rate": 0.2, "gen_offender_presence_f1": 0.2}
+# "Learnt" means: beats the untrained base by at least this much on both, names included (the tiny
+# models read the article: a stack that loses the article loses the names).
+LEARNT_MARGIN = {"gen_json_parse_rate": 0.2, "gen_offender_presence_f1": 0.2, "gen_offender_name_set_f1": 0.3}
 AXOLOTL_TINY = REPO / "axolotl_configs" / "tiny_cpu.yml"
 
 

@@ -93,6 +93,11 @@ def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axol
         raise DataError(f"--config-axolotl {config_axolotl}: file not found")
     ours, cfg, tokenizer = our_tokens(config_unsloth, overrides, n)
     ax_cfg = yaml.safe_load(Path(config_axolotl).read_text(encoding="utf-8")) or {}
+    # As the Axolotl launcher does: its `messages` files come from our record files (the tiny set is
+    # generated when missing), so a fresh checkout compares without a training run first.
+    from data_tools.axolotl_data import dataset_paths, prepare_messages
+
+    prepare_messages(dataset_paths(ax_cfg))
     base = ax_cfg.get("base_model")
     base_dir = None
     if base in TINY_MODELS:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded tiny default, on CPU: qwen_finetune.py in
 # `single` mode with the `tiny` preset (synthetic Japanese news written to
-# data/tiny/, the tiny offline model built once into ~/.cache/qwen-finetune/).
+# data/tiny/, the tiny MoE shipped in tiny/moe).
 # It ends with a summary of the generation metrics on the validation split.
 # A re-run finds the finished run and only prints its summary; pass
 # --overwrite (or any other qwen_finetune.py argument) through to change that.

@@ -29,12 +29,10 @@ print(c.get("deepspeed") or "-", c.get("base_model") or "-")' "$config")
 # The deepspeed file must exist before a multi-minute model load.
 [[ "$ds" == - || -f "$ds" ]] || { echo "error: $config: deepspeed file not found: $ds" >&2; exit 1; }
 
-# tiny-dense / tiny-moe: the locally built tiny models (built by the main stack, see README).
+# tiny-dense / tiny-moe: the tiny models shipped in tiny/ (see README).
 model_args=()
 if [[ "$base" == tiny-dense || "$base" == tiny-moe ]]; then
-  [[ -x .venv/bin/python ]] || { echo "error: the tiny models are built by the main stack: run bash scripts/setup.sh" >&2; exit 1; }
-  kind=${base#tiny-}
-  dir=$(.venv/bin/python -m data_tools tiny-model | awk -v k="$kind:" '$1 == k {print $2}')
+  dir="$PWD/tiny/${base#tiny-}"
   overrides=("--base_model=$dir" "${overrides[@]}")
   model_args=(--model "$dir")
 fi

@@ -160,7 +160,7 @@ def test_stats_reports_leakage(cli, tmp_path):
     assert re.search(r"leaked_from_train\s+3\n", r.stdout)
 
 
-@pytest.mark.parametrize("command", ["synth", "prepare", "validate", "convert", "split", "stats", "tiny-model"])
+@pytest.mark.parametrize("command", ["synth", "prepare", "validate", "convert", "split", "stats"])
 def test_every_command_has_help(cli, command):
     r = cli("-m", "data_tools", command, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout

@@ -2,15 +2,9 @@
 reference values recorded earlier (so a change of shared code that alters
 legacy behaviour fails here).
 
-The tiny model is pre-trained on the CPU at build time, and builds on
-different CPUs differ in their weights, so reference losses belong to one
-build, identified by the hash of its weights and tokenizer. The reference in
-tests/reference/ is used when this machine's build is that one; any other
-build records its own reference beside the model on its first run
-(`legacy_reference.json` in the tiny model's cache folder) and is compared
-with it from then on.
-
-Regenerate the committed reference on purpose only:
+The reference belongs to the tiny dense model shipped in tiny/ (its weights'
+and tokenizer's hash is stored with it). Regenerate it on purpose only, after
+a rebuild of the tiny models:
     QWEN_FINETUNE_UPDATE_REFERENCE=1 .venv/bin/python -m pytest tests/test_legacy.py
 """
 
@@ -19,7 +13,7 @@ import json
 import math
 import os
 
-from data_tools.tiny_model import ensure_tiny_models
+from tiny import model_dir
 from test_trainer import REPO, ok, summary, train
 
 REFERENCE = REPO / "tests" / "reference" / "legacy_tiny_losses.json"
@@ -47,19 +41,13 @@ def test_legacy_matches_new_two_stage_and_the_committed_reference(tmp_path):
     for stage in ("stage1", "stage2"):
         assert summary(tmp_path / "new", stage)["train_losses"] == legacy[stage]["train_losses"]
 
-    dense = ensure_tiny_models().dense
-    observed = {"tiny_model": dense.parent.name, "build": build_fingerprint(dense),
+    observed = {"build": build_fingerprint(model_dir("tiny-dense")),
                 **{s: legacy[s]["train_losses"] for s in legacy}}
     if os.environ.get("QWEN_FINETUNE_UPDATE_REFERENCE") == "1":
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(json.dumps(observed, indent=2) + "\n")
     reference = json.loads(REFERENCE.read_text())
-    if reference.get("build") != observed["build"]:
-        local = dense.parent / "legacy_reference.json"
-        if not local.is_file():
-            local.write_text(json.dumps(observed, indent=2) + "\n")
-        reference = json.loads(local.read_text())
-    assert reference["build"] == observed["build"]
+    assert reference["build"] == observed["build"], "the reference belongs to another tiny build: see the docstring"
     for stage in ("stage1", "stage2"):
         for (step, loss), (ref_step, ref_loss) in zip(observed[stage], reference[stage], strict=True):
             assert step == ref_step and math.isclose(loss, ref_loss, rel_tol=REL_TOL), (stage, step, loss, ref_loss)

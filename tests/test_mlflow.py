@@ -42,7 +42,7 @@ def test_two_stage_run_logs_nested_runs_params_metrics_artifacts_without_secrets
     stage2 = next(r for r in children if r.info.run_name == "stage2")
     assert stage2.info.run_id == summary(tmp_path / "out", "stage2")["mlflow_run_id"]
     params = stage2.data.params
-    assert params["config.stage2_learning_rate"] == "0.001" and params["backend"] == "hf"
+    assert params["config.stage2_learning_rate"] == "0.002" and params["backend"] == "hf"
     assert len(params["data.train_sha256"]) == 64 and params["data.train_examples"] == "48"
     assert params["libraries.trl"] and params["lora.default.r"] == "16"
     assert "mlflow.experts" not in params  # only what we log

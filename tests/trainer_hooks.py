@@ -10,6 +10,8 @@ RecordRanks: per rank, the process group's backend and timeout, and how often ac
 whole state dict (what a checkpoint under DeepSpeed must not do).
 RecordStageRelease: whether the optimizers of earlier stages are still alive when a stage starts
 (automatic garbage collection off, so only an explicit release frees a reference cycle).
+ArticleCutFromPrompt: a deliberately broken reading path: from its creation on, the one prompt
+builder leaves the article out (training rows and the evaluator's prompts alike).
 """
 
 import gc
@@ -99,3 +101,12 @@ class RecordStageRelease(TrainerCallback):
         RecordStageRelease.optimizers.append(weakref.ref(optimizer))
         with open(Path(args.output_dir) / "earlier_optimizers_alive.json", "w", encoding="utf-8") as f:
             json.dump(alive, f)
+
+
+class ArticleCutFromPrompt(TrainerCallback):
+    def __init__(self):
+        from data_tools import prompt
+
+        # The trainer builds its rows and the evaluator its prompts through this module's function.
+        prompt.prompt_messages = lambda instruction, article: [
+            {"role": "system", "content": instruction}, {"role": "user", "content": "（記事）"}]

@@ -1,0 +1,157 @@
+"""The README's quick commands, as the README writes them today.
+
+Every command in the README's ```bash blocks is read from the file (an edited
+README is what gets tested) and either run here, in a scratch folder that
+mirrors the repository, or named below as not quick (training, installs,
+GPUs). A new command that is neither fails `test_every_readme_command_is_run_or_named_as_slow`.
+Each quick command must exit 0 and print its key line; every documented
+entry point must answer `--help`.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+# Commands that take minutes, a GPU, an install or the user's own files: documented, not run here.
+SLOW = (
+    "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "bench/gpu.py", "-m tiny.build",
+    "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
+    "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs
+)
+SLOW_TRAINING = re.compile(r"qwen_finetune(_legacy)?\.py (?!.*--dry-run)")
+# README placeholders -> what stands in for them here (CONFIG.yml: each shipped Axolotl config in turn).
+PLACEHOLDERS = {"DIR": "tiny/dense"}
+SHIPPED_AXOLOTL_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "axolotl_configs").glob("*.yml"))
+# The line a working command prints (a regex on stdout + stderr).
+KEY_LINES = {
+    "--dry-run": r"memory/dev\s+~[\d.]+ GiB with world size 4, DeepSpeed ZeRO-2",
+    "data_tools synth": r"wrote\s+26,221 records",
+    "data_tools validate": r"hawks_train\.json",
+    "data_tools prepare": r"val:\s+1,000 positives",
+    "data_tools convert": r"train_messages\.jsonl",
+    "data_tools split": r"val\.json",
+    "data_tools stats": r"'p100': \d+",
+    "parity.py tokens": r"identical: input_ids and trained-token masks of all 50 compared examples",
+    "parity.py compare": r"PASS|pass",
+    "parity.py check-axolotl": r": 0 error\(s\)",
+    "parity.py score": r"gen_json_parse_rate",
+}
+
+
+def readme_commands() -> list[str]:
+    """Each command of each ```bash block: continuations joined, comments dropped, `name=value` lines
+    expanded where a later command uses `$name` (as a reader's shell would)."""
+    commands, variables = [], {}
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"(^|\s+)#.*$", "", line).strip()
+            if not line:
+                continue
+            if m := re.fullmatch(r"(\w+)=(\S+)", line):
+                variables[m.group(1)] = m.group(2)
+                continue
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            commands.append(line)
+    return commands
+
+
+def is_slow(command: str) -> bool:
+    return any(s in command for s in SLOW) or bool(SLOW_TRAINING.search(command))
+
+
+def quick_commands() -> list[str]:
+    return [c for c in readme_commands() if not is_slow(c)]
+
+
+def test_every_readme_command_is_run_or_named_as_slow():
+    commands = readme_commands()
+    assert len(commands) > 30
+    for command in quick_commands():
+        assert any(key in command for key in KEY_LINES), f"README command with no expected output here: {command}"
+    # the first-command pair is documented and named slow, not forgotten
+    assert "bash scripts/setup.sh && bash scripts/demo.sh" in commands
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """The repository's files linked into a scratch folder (commands write data/ and report folders
+    there, not into the checkout), plus stand-ins for the README's example inputs."""
+    root = tmp_path_factory.mktemp("readme")
+    for item in REPO.iterdir():
+        if item.name not in {"data", "outputs", ".git"}:
+            (root / item.name).symlink_to(item)
+    return root
+
+
+def run(command: str, cwd) -> subprocess.CompletedProcess:
+    argv = shlex.split(re.sub(r"\s*\[[^\]]*\]", "", command))  # [optional parts] left out
+    argv = [PLACEHOLDERS.get(a, a) for a in argv]
+    if argv[0] == ".venv/bin/python":
+        argv[0] = sys.executable
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(cwd), "HF_HUB_OFFLINE": "1"})
+
+
+def test_quick_readme_commands_run_as_written(scratch):
+    commands = [c.replace("CONFIG.yml", config) if "CONFIG.yml" in c else c
+                for c in quick_commands() for config in (SHIPPED_AXOLOTL_CONFIGS if "CONFIG.yml" in c else [c])]
+    # The data tools first (they write the files the other commands read), then in README order.
+    commands.sort(key=lambda c: "data_tools" not in c)
+    ran = []
+    for command in commands:
+        if "data_tools split all.json" in command:
+            (scratch / "all.json").write_bytes((scratch / "data/train/hawks_val.json").read_bytes())
+        if "parity.py score" in command:
+            gold = json.loads((scratch / "data/train/hawks_val_mixed.json").read_text(encoding="utf-8"))
+            (scratch / "predictions.jsonl").write_text(
+                "".join(json.dumps({"prediction": r["output"]}, ensure_ascii=False) + "\n" for r in gold))
+        if "parity.py compare eval/a/metrics.json eval/b/metrics.json" in command:
+            for side in ("a", "b"):
+                (scratch / "eval" / side).mkdir(parents=True, exist_ok=True)
+                (scratch / "eval" / side / "metrics.json").write_text(json.dumps(
+                    {"gen_num_examples": 10, "gen_json_parse_rate": 1.0, "gen_offender_presence_f1": 0.9}))
+        started = time.perf_counter()
+        result = run(command, scratch)
+        print(f"{time.perf_counter() - started:6.1f}s  {command}")
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{command}\n{output[-3000:]}"
+        key = next(k for k in KEY_LINES if k in command)
+        assert re.search(KEY_LINES[key], output), f"{command}: no line matching {KEY_LINES[key]!r}\n{output[-3000:]}"
+        ran.append(command)
+    assert sum("check-axolotl" in c for c in ran) == len(SHIPPED_AXOLOTL_CONFIGS) >= 3
+    assert any("--dry-run" in c for c in ran)
+
+
+def entry_points() -> set[tuple[str, ...]]:
+    """(program, subcommand) of every python command the README shows."""
+    found = set()
+    for command in readme_commands():
+        argv = shlex.split(re.sub(r"\s*\[[^\]]*\]", "", command))
+        if argv[0] not in (".venv/bin/python", "torchrun"):
+            continue
+        argv = [a for a in argv if not a.startswith("--nproc")] if argv[0] == "torchrun" else argv
+        rest = argv[1:]
+        if rest[:1] == ["-m"]:
+            program, rest = ("-m", rest[1]), rest[2:]
+        else:
+            program, rest = (rest[0],), rest[1:]
+        if program[-1] in ("pytest", "pip"):
+            continue
+        sub = rest[0] if rest and not rest[0].startswith("-") and "=" not in rest[0] else None
+        found.add(program + ((sub,) if sub else ()))
+    return found
+
+
+@pytest.mark.parametrize("entry", sorted(entry_points()), ids=" ".join)
+def test_every_documented_entry_point_answers_help(entry):
+    result = run(".venv/bin/python " + " ".join(entry) + " --help", REPO)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stdout + result.stderr[-2000:]
