@@ -214,9 +214,10 @@ def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
     # stage 2 continues stage 1's adapter: on its first batch its loss is below that of a fresh adapter (the
     # 4-bit base alone: LoRA starts with B = 0) on the same batch
     ok(train("--mode", "single", "--backend", "hf", "output_dir=fresh", *SMALL, "model_name=tiny-moe",
-                     "load_in_4bit=true", "dtype=bfloat16", "gen_eval=false", cwd=tmp_path))
-    assert "hawks_train_curriculum.json" in summary(tmp_path / "fresh")["data"]["train_file"]
-    assert s2["train_losses"][0][1] < 0.9 * summary(tmp_path / "fresh")["train_losses"][0][1]
+             "load_in_4bit=true", "dtype=bfloat16", "gen_eval=false", cwd=tmp_path))
+    fresh = summary(tmp_path / "fresh")
+    assert "hawks_train_curriculum.json" in fresh["data"]["train_file"]
+    assert s2["train_losses"][0][1] < 0.9 * fresh["train_losses"][0][1]
     # drop stage 2 only: a re-run skips stage 1 and retrains stage 2 from stage 1's adapter
     import shutil
 
