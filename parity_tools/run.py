@@ -205,7 +205,7 @@ def _evaluate_and_compare(out: Path, model: str, adapters: dict, summaries: dict
     for line in extra[1:]:
         print(line.strip())
     return {"ok": ok, "metrics": metrics, "learnt": learnt, "failed": [r.name for r in rows if r.failed],
-            "report": str(report)}
+            "train_seconds": times, "report": str(report)}
 
 
 def headline_table(metrics: dict) -> str:
@@ -231,7 +231,8 @@ def run(preset: str, pair: str, out: Path, max_steps: int, eval_samples: int, ma
         result = run_axolotl_pair(out, model, max_steps, eval_samples, router_aux_loss_coef)
     else:
         result = run_legacy_pair(out, model, max_steps, eval_samples, max_train_samples)
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
     (out / "parity_result.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     verdict = "PASS" if result["ok"] else "FAIL"
-    say(f"{verdict} ({pair} pair) in {time.perf_counter() - start:.0f}s; report: {result['report']}")
+    say(f"{verdict} ({pair} pair) in {result['total_seconds']:.0f}s; report: {result['report']}")
     return 0 if result["ok"] else 1

@@ -33,7 +33,7 @@ def report_of(result: subprocess.CompletedProcess) -> dict:
 
 
 def test_production_preset_dry_run_works_offline(tmp_path):
-    runs = {}
+    runs, outputs = {}, {}
     for name, args in {"zero2_x4": ("--mode", "single", "--deepspeed", ZERO2, "--nproc", "4"),
                        "zero2_x1": ("--mode", "single", "--deepspeed", ZERO2, "--nproc", "1"),
                        "two_stage_x4": ("--mode", "two-stage", "--nproc", "4")}.items():
@@ -46,6 +46,13 @@ def test_production_preset_dry_run_works_offline(tmp_path):
                 "is not available offline") in out
         assert "data missing eval_file: file not found: data/train/hawks_val_mixed.json" in out
         assert "memory/dev   ~" in out and f"world size {runs[name]['world_size']}" in out
+        outputs[name] = out
+    # the README shows these lines of the same two reports: they are what the command prints today
+    readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    shown = [line for line in readme if line.startswith(("memory/dev   ~", "loading      the MoE experts"))]
+    assert len(shown) == 3
+    assert shown[0] in outputs["zero2_x4"].splitlines(), shown[0]
+    assert all(line in outputs["two_stage_x4"].splitlines() for line in shown[1:]), shown[1:]
     for report in runs.values():
         assert report["base_parameters"] == pytest.approx(30.5e9, rel=0.01)
         assert report["model_config_shipped"] == "finetune/model_configs/Qwen3-30B-A3B-Instruct-2507.json"

@@ -23,6 +23,7 @@ from conftest import REPO
 # Commands that take minutes, a GPU, an install or the user's own files: documented, not run here.
 SLOW = (
     "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "bench/gpu.py", "-m tiny.build",
+    "-m bench.tiny_runs",
     "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
     "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs
 )
@@ -43,6 +44,7 @@ KEY_LINES = {
     "parity.py compare": r"PASS|pass",
     "parity.py check-axolotl": r": 0 error\(s\)",
     "parity.py score": r"gen_json_parse_rate",
+    "bench.readme_figures": r"all \d+ README figures agree",
 }
 
 

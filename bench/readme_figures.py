@@ -1,0 +1,209 @@
+"""Every measured figure the README quotes, checked against where it was measured.
+
+    .venv/bin/python -m bench.readme_figures          # exit 1 with a list when a figure disagrees
+    .venv/bin/python -m bench.readme_figures --list   # every checked figure, its value and its source
+
+Sources are committed files only: the newest bench/RESULTS.md section of each kind (appended by the
+bench scripts: `bench.tiny_runs` for the demo and parity runs, `bench/forgetting.py`,
+`bench/train_throughput.py`), `tiny/build.json` and the shipped tiny MoE's config. A figure is a README
+pattern (one group per value; a space matches any run of whitespace, so line breaks do not matter) and
+the values as the README must write them. When the README's sentence changes, its pattern stops
+matching: that is an error too, so a figure cannot silently leave the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bench.results import RESULTS, Section, newest_section
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+NUM = r"([\d.]+)"
+SIGNED = r"([+-][\d.]+)"
+
+
+@dataclass
+class Figure:
+    what: str
+    pattern: str
+    source: str  # a RESULTS.md section kind, or a committed file
+    values: Callable[[], tuple[str, ...]]
+
+
+def results(kind: str) -> Section:
+    return newest_section(kind, RESULTS)
+
+
+def number(cell: str) -> float:
+    """The first number of a cell: '9330 (8357-9593)' -> 9330.0, '1.00x' -> 1.0."""
+    return float(re.match(r"[+-]?[\d.]+", cell.replace(",", "")).group())
+
+
+def metric_row(section: str, row: str) -> tuple[str, ...]:
+    table = results(section).tables[0]
+    return tuple(table.cell(row, c) for c in ("parse", "presence F1", "name-set F1", "exact", "hallucination"))
+
+
+def demo(model: str, *columns: str) -> tuple[str, ...]:
+    table = results("demo runs").tables[0]
+    return tuple(table.cell(model, c) for c in columns)
+
+
+def demo_minutes() -> tuple[str, ...]:
+    table = results("demo runs").tables[0]
+    return (table.cell("tiny-moe", "train, s"), f"{number(table.cell('tiny-moe', 'end to end, s')) / 60:.0f}")
+
+
+def parity_times() -> tuple[str, ...]:
+    measures = results("parity run").tables[1]
+    return (measures.cell("total, min", "value"), measures.cell("train ours, s", "value"),
+            measures.cell("train Axolotl, s", "value"))
+
+
+def forgetting(lam: str, ratio: str, column: str) -> float:
+    table = results("forgetting").tables[0]
+    for cells in table.rows:
+        if cells[0] == lam and cells[1].split()[0] == ratio:
+            return number(cells[table.header.index(column)])
+    raise KeyError(f"forgetting: no row lambda {lam}, rehearsal ratio {ratio}")
+
+
+def throughput(stack: str, column: str = "trained tokens/s, median (min-max)") -> float:
+    return number(results("training throughput").tables[0].cell(stack, column))
+
+
+def tiny_build_minutes() -> tuple[str, ...]:
+    timings = json.loads((REPO / "tiny" / "build.json").read_text(encoding="utf-8"))["timings"]
+    return (f"{sum(timings.values()) / 60:.0f}",)
+
+
+def nf4_expert_storage() -> tuple[str, ...]:
+    """Fused expert weights of the shipped tiny MoE: gate, up and down projections per expert and layer;
+    NF4 keeps 4 bits per weight plus one 1-byte block scale per 64 (the scales double-quantised)."""
+    c = json.loads((REPO / "tiny" / "moe" / "config.json").read_text(encoding="utf-8"))
+    weights = c["num_hidden_layers"] * c["num_local_experts"] * 3 * c["hidden_size"] * c["moe_intermediate_size"]
+    bf16, nf4 = weights * 2, weights * (0.5 + 1 / 64)
+    return f"{bf16 / 2**20:.1f}", f"{nf4 / 2**20:.1f}", f"{bf16 / nf4:.1f}"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+FIGURES = [
+    Figure("demo: tiny-moe training seconds, end-to-end minutes",
+           rf"naming people never seen in training\): training {NUM} s \(about {NUM} minutes end to end",
+           "demo runs", demo_minutes),
+    Figure("demo: tiny-moe headline metrics",
+           rf"\| `tiny-moe` \(the default\) \| {NUM} \| {NUM} \| \*\*{NUM}\*\* \| \*\*{NUM}\*\* \| {NUM} \|",
+           "demo runs", lambda: metric_row("demo runs", "tiny-moe")),
+    Figure("demo: tiny-dense training seconds and headline metrics",
+           rf"\| `tiny-dense` \(`model_name=tiny-dense`, {NUM} s\) \| {NUM} \| {NUM} \| \*\*{NUM}\*\* \| "
+           rf"\*\*{NUM}\*\* \| {NUM} \|",
+           "demo runs", lambda: demo("tiny-dense", "train, s") + metric_row("demo runs", "tiny-dense")),
+    Figure("parity run: total minutes, training seconds",
+           rf"states the router aux-loss setting of both stacks\), {NUM} min in all \(training {NUM} s ours, "
+           rf"{NUM} s Axolotl\)", "parity run", parity_times),
+    Figure("parity run: base", rf"\| base \(untrained\) \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",
+           "parity run", lambda: metric_row("parity run", "base")),
+    Figure("parity run: ours", rf"\| ours \(Unsloth backend\) \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",
+           "parity run", lambda: metric_row("parity run", "ours (unsloth)")),
+    Figure("parity run: Axolotl", rf"\| Axolotl 0\.19 \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",
+           "parity run", lambda: metric_row("parity run", "axolotl")),
+    Figure("parity run: the command's comment", rf"ours vs Axolotl \(~{NUM} min\)", "parity run",
+           lambda: (parity_times()[0],)),
+    Figure("forgetting: plain run",
+           rf"plain run raised the general-text loss by {SIGNED} \({NUM} -> {NUM}\) while reaching name-set F1 "
+           rf"{NUM}\.", "forgetting",
+           lambda: (signed(forgetting("0.0", "0.0", "increase")), f"{forgetting('0.0', '0.0', 'general loss base'):.2f}",
+                    f"{forgetting('0.0', '0.0', 'tuned'):.2f}", f"{forgetting('0.0', '0.0', 'name F1'):.2f}")),
+    Figure("forgetting: 20% rehearsal",
+           rf"20% rehearsal removed the forgetting \({SIGNED}\) at a small task cost \(name-set F1 {NUM}, exact "
+           rf"{NUM}\)", "forgetting",
+           lambda: (signed(forgetting("0.0", "0.2", "increase")), f"{forgetting('0.0', '0.2', 'name F1'):.2f}",
+                    f"{forgetting('0.0', '0.2', 'exact'):.2f}")),
+    Figure("forgetting: distillation at lambda 0.5",
+           rf"Distillation at lambda 0\.5 cut the increase to {SIGNED}, but the tiny model then learned no JSON "
+           rf"answer in one epoch \(parse rate {NUM}\), with or without rehearsal, and a step is about {NUM}x "
+           rf"slower", "forgetting",
+           lambda: (signed(forgetting("0.5", "0.0", "increase")),
+                    f"{max(forgetting('0.5', r, 'parse') for r in ('0.0', '0.2')):g}",
+                    f"{forgetting('0.5', '0.0', 'train s') / forgetting('0.0', '0.0', 'train s'):.1f}")),
+    Figure("training throughput: default",
+           rf"Last measured: ours {NUM}x plain TRL and {NUM}x Axolotl", "training throughput",
+           lambda: (f"{throughput('ours-unsloth') / throughput('plain-trl'):.2f}",
+                    f"{throughput('ours-unsloth') / throughput('axolotl'):.2f}")),
+    Figure("training throughput: length-grouped",
+           rf"{NUM}x plain TRL and {NUM}x Axolotl with length-grouped batches", "training throughput",
+           lambda: (f"{throughput('ours-grouped') / throughput('plain-trl'):.2f}",
+                    f"{throughput('ours-grouped') / throughput('axolotl'):.2f}")),
+    Figure("tiny build time", rf"rebuild tiny/ in place \(about {NUM} minutes on 2 cores\)", "tiny/build.json",
+           tiny_build_minutes),
+    Figure("4-bit experts of the tiny MoE",
+           rf"experts {NUM} MiB bf16 → {NUM} MiB NF4 \({NUM}x less\)", "tiny/moe/config.json",
+           nf4_expert_storage),
+]
+
+
+@dataclass
+class Finding:
+    figure: Figure
+    line: int  # 0: the pattern matched nowhere
+    readme: tuple[str, ...]
+    expected: tuple[str, ...] | None
+    problem: str = ""
+
+
+def check(readme_text: str, figures: list[Figure] = FIGURES) -> list[Finding]:
+    findings = []
+    for fig in figures:
+        matches = list(re.finditer(fig.pattern.replace(" ", r"\s+"), readme_text))
+        line = readme_text.count("\n", 0, matches[0].start()) + 1 if len(matches) == 1 else 0
+        found = matches[0].groups() if line else ()
+        try:
+            expected = tuple(fig.values())
+        except (LookupError, ValueError, OSError) as e:
+            findings.append(Finding(fig, line, found, None, f"source unreadable: {e}"))
+            continue
+        if not line:
+            problem = (f"the README sentence matches {len(matches)} times, not once: update its pattern in "
+                       "bench/readme_figures.py")
+        else:
+            problem = "" if found == expected else "the README says other values than the source"
+        findings.append(Finding(fig, line, found, expected, problem))
+    return findings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="show every checked figure, not only disagreements")
+    parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    findings = check(args.readme.read_text(encoding="utf-8"))
+    bad = [f for f in findings if f.problem]
+    for f in findings if args.list else bad:
+        where = f"{args.readme.name}:{f.line}" if f.line else args.readme.name
+        status = "DIFFERS" if f.problem else "ok"
+        print(f"{status:8} {where}: {f.figure.what} (source: {f.figure.source})")
+        if f.problem:
+            print(f"         {f.problem}")
+            if f.readme:
+                print(f"         README: {', '.join(f.readme)}")
+        if f.expected is not None and (f.problem or args.list):
+            print(f"         source: {', '.join(f.expected)}")
+    if bad:
+        print(f"{len(bad)} of {len(findings)} README figures disagree with their sources; write the source's "
+              "values into the README, or re-run the bench script that measures them")
+        return 1
+    print(f"all {len(findings)} README figures agree with bench/RESULTS.md, tiny/build.json and tiny/moe")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
