@@ -29,9 +29,12 @@ def token_lengths(records: list[dict], tokenizer) -> list[int]:
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     # Render every chat, then tokenise the texts in batches (what apply_chat_template(tokenize=True) does one
-    # by one; the batched fast tokenizer is ~10x quicker on a full-scale file).
+    # by one; the batched fast tokenizer is ~10x quicker on a full-scale file), each distinct chat once
+    # (the negative-sampled mix repeats every positive: 174,663 chats, 122,221 distinct).
     texts = [tokenizer.apply_chat_template(record_messages(r), tokenize=False) for r in records]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    distinct = list(dict.fromkeys(texts))
+    length = dict(zip(distinct, map(len, tokenizer(distinct, add_special_tokens=False)["input_ids"])))
+    return [length[t] for t in texts]
 
 
 def describe(records: list[dict]) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import EXPERT_TARGETS, deepspeed_problems
-from finetune.model import shipped_model_config
+from finetune.model import resolve_model_path, shipped_model_config
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
 
 # Keys users carry over from other tools, with what Axolotl calls them.
@@ -44,8 +44,10 @@ class Problem:
 
 
 def model_config_file(raw: dict, model: str | None) -> Path | None:
-    """config.json of --model, of a local base_model, or one this repository ships."""
+    """config.json of --model, of a local base_model (tiny-moe / tiny-dense: the folders in tiny/, as
+    scripts/run_axolotl_train.sh passes them), or one this repository ships."""
     for candidate in (model, raw.get("base_model")):
+        candidate = resolve_model_path(str(candidate)) if candidate else candidate
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate) / "config.json"
     return shipped_model_config(str(raw.get("base_model", "")))

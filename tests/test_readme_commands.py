@@ -46,6 +46,9 @@ KEY_LINES = {
     "parity.py score": r"gen_json_parse_rate",
     "bench.readme_figures": r"all \d+ README figures agree",
 }
+# Lines a working command must not print: every shipped Axolotl config has its LoRA targets checked against
+# its model (base_model found) and states the MoE router aux loss (model_config).
+NOT_LINES = {"parity.py check-axolotl": r"(?m)^warning: \S+: (base_model|model_config):"}
 
 
 def readme_commands() -> list[str]:
@@ -128,6 +131,7 @@ def test_quick_readme_commands_run_as_written(scratch):
         assert result.returncode == 0, f"{command}\n{output[-3000:]}"
         key = next(k for k in KEY_LINES if k in command)
         assert re.search(KEY_LINES[key], output), f"{command}: no line matching {KEY_LINES[key]!r}\n{output[-3000:]}"
+        assert not re.search(NOT_LINES.get(key, "$^"), output), f"{command}: {NOT_LINES[key]!r}\n{output[-3000:]}"
         ran.append(command)
     assert sum("check-axolotl" in c for c in ran) == len(SHIPPED_AXOLOTL_CONFIGS) >= 3
     assert any("--dry-run" in c for c in ran)
