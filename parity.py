@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from callbacks.metrics import compute_metrics
+from callbacks.metrics import compute_metrics, record_context
 from data_tools.cli_args import add_fields
 from data_tools.records import DataError, gold_offenders, load_records, read_rows
 
@@ -49,14 +49,16 @@ def read_predictions(path: str) -> list[str | None]:
 
 
 def score(args) -> int:
-    gold = [gold_offenders(r) for r in load_records(args.gold, args.fields)]
+    records = load_records(args.gold, args.fields)
+    gold = [gold_offenders(r) for r in records]
     predictions = read_predictions(args.pred)
     if len(gold) != len(predictions):
         raise DataError(f"{args.gold} has {len(gold)} examples but {args.pred} has {len(predictions)} "
                         "predictions; they must match one to one, in the same order")
     if not gold:
         raise DataError(f"{args.gold}: no examples to score")
-    print(json.dumps(compute_metrics(gold, predictions, args.fields), indent=2, ensure_ascii=False))
+    print(json.dumps(compute_metrics(gold, predictions, args.fields, **record_context(records)), indent=2,
+                     ensure_ascii=False))
     return 0
 
 
@@ -108,9 +110,11 @@ def compare(args) -> int:
     ref, cand = cmp.load_metrics(args.ref), cmp.load_metrics(args.cand)
     rows = cmp.compare(ref, cand, cmp.parse_tolerances(args.tolerance))
     names = (args.ref_name, args.cand_name)
-    print(cmp.table(rows, *names))
+    errors = cmp.error_table(ref, cand, *names)
+    print(cmp.table(rows, *names) + (f"\n\n{errors}" if errors else ""))
     written = cmp.write_report(Path(args.out), rows, names, (args.ref, args.cand),
-                               (cmp.losses_of(args.ref_summary), cmp.losses_of(args.cand_summary)))
+                               (cmp.losses_of(args.ref_summary), cmp.losses_of(args.cand_summary)),
+                               errors=errors)
     failed = [r.name for r in rows if r.failed]
     print(f"\n{'FAIL' if failed else 'PASS'}: {args.cand_name} vs {args.ref_name}"
           + (f": worse beyond tolerance on {', '.join(failed)}" if failed else ", every gated metric within tolerance")

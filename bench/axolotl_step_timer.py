@@ -2,7 +2,7 @@
 
 from axolotl.integrations.base import BasePlugin
 
-from step_timer import StepTimer
+from bench.step_timer import StepTimer
 
 
 class StepTimerPlugin(BasePlugin):

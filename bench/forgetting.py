@@ -1,7 +1,7 @@
 """Forgetting on the tiny preset: general-text loss increase and task metrics, with and without
 distillation from the base and rehearsal of general text.
 
-    .venv/bin/python bench/forgetting.py [--lambdas 0 0.1 0.5 2] [--ratios 0 0.2] [--max-steps N]
+    .venv/bin/python -m bench.forgetting [--lambdas 0 0.1 0.5 2] [--ratios 0 0.2] [--max-steps N]
 
 Each cell is one real `qwen_finetune.py --mode single` run (same data, seed and
 settings) with `rehearsal_data=data/tiny/general_text.jsonl`, so every run is
@@ -23,10 +23,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 GENERAL = "data/tiny/general_text.jsonl"
 
-from results import append_section  # noqa: E402  (after the path insert)
+from bench.results import append_section
 TASK = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1", "gen_all_fields_exact_match_rate",
         "gen_negative_hallucination_rate")
 
@@ -72,7 +71,7 @@ def main() -> int:
     print("\n" + table)
 
     append_section("forgetting: tiny preset on CPU",
-                   f"`bench/forgetting.py --lambdas {' '.join(map(str, args.lambdas))} --ratios "
+                   f"`python -m bench.forgetting --lambdas {' '.join(map(str, args.lambdas))} --ratios "
                    f"{' '.join(map(str, args.ratios))} --max-steps {args.max_steps} --temperature "
                    f"{args.temperature}`. General loss: mean token loss on the same held-out plain news "
                    "documents (base = adapter disabled); increase > 0 means forgotten. Task metrics: generation "

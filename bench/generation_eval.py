@@ -1,6 +1,6 @@
 """Generation eval throughput: batched (left padding) vs one example at a time.
 
-    .venv/bin/python bench/generation_eval.py [--examples 64] [--batch-size 32] [--model tiny-dense]
+    .venv/bin/python -m bench.generation_eval [--examples 64] [--batch-size 32] [--model tiny-dense]
 
 Both sides run `callbacks.generation_eval.generate_answers` on the same
 validation records with the same settings (greedy, the same max_new_tokens
@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from profile_ops import kinds_table, op_kinds, profile_ops  # noqa: E402  (after the path insert)
-from results import append_section  # noqa: E402
+from bench.profile_ops import kinds_table, op_kinds, profile_ops
+from bench.results import append_section
 
 
 def device_name(device: str, torch) -> str:

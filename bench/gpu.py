@@ -1,7 +1,7 @@
 """GPU benchmark: the trainer on the Qwen3-30B-A3B architecture (fewer layers, random weights) and a
 dense Qwen3 of ~0.6B, bf16 LoRA vs 4-bit QLoRA, Unsloth vs hf backend.
 
-    .venv/bin/python bench/gpu.py [--moe-layers 8] [--steps 30] [--micro-batch 4] [--only moe dense]
+    .venv/bin/python -m bench.gpu [--moe-layers 8] [--steps 30] [--micro-batch 4] [--only moe dense]
                                   [--backends unsloth hf] [--gen-eval-batch 4]
 
 Needs an NVIDIA GPU; elsewhere it says so and exits 0. Steps:
@@ -46,10 +46,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from callbacks.runinfo import LIBRARIES  # noqa: E402  (after the path insert)
-from results import append_section  # noqa: E402
+from callbacks.runinfo import LIBRARIES
+from bench.results import append_section
 MOE_CONFIG = REPO / "finetune" / "model_configs" / "Qwen3-30B-A3B-Instruct-2507.json"
 # Qwen/Qwen3-0.6B's published config (the dense model of the family)
 DENSE_0_6B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
@@ -158,8 +157,8 @@ def train_once(model_dir: Path, variant: str, backend: str, args, work: Path) ->
            f"gen_eval_max_samples={2 * args.gen_eval_batch}", f"gen_eval_batch_size={args.gen_eval_batch}",
            "dtype=bfloat16", "gradient_checkpointing=true", f"max_steps={args.steps}", "logging_steps=1",
            f"micro_batch_size={args.micro_batch}", "gradient_accumulation_steps=1", "learning_rate=1e-4",
-           "save_steps=100000", "extra_callbacks=step_timer.StepTimer", f"load_in_4bit={variant == 'qlora-4bit'}"]
-    from step_timer import run_timed  # imports transformers: not before the GPU check
+           "save_steps=100000", "extra_callbacks=bench.step_timer.StepTimer", f"load_in_4bit={variant == 'qlora-4bit'}"]
+    from bench.step_timer import run_timed  # imports transformers: not before the GPU check
 
     done, t = run_timed(cmd, work / f"{out.name}.json")
     if t is None:
@@ -190,9 +189,9 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench/gpu.py: no NVIDIA GPU here (torch.cuda.is_available() is False), nothing measured. "
-              "Run it on a machine with a GPU; the CPU benchmarks are bench/train_throughput.py, "
-              "bench/padding.py, bench/generation_eval.py, bench/prepare.py and bench/forgetting.py.")
+        print("bench.gpu: no NVIDIA GPU here (torch.cuda.is_available() is False), nothing measured. "
+              "Run it on a machine with a GPU; the CPU benchmarks are python -m bench.train_throughput, "
+              "bench.padding, bench.generation_eval, bench.prepare and bench.forgetting.")
         return 0
     from data_tools.tiny_data import ensure_tiny_data
 

@@ -1,6 +1,6 @@
 """Padding waste of the trainer's batches: the share of processed tokens that are real.
 
-    .venv/bin/python bench/padding.py [--data data/tiny/hawks_train_curriculum.json] [--micro-batch 8 16]
+    .venv/bin/python -m bench.padding [--data data/tiny/hawks_train_curriculum.json] [--micro-batch 8 16]
 
 Builds the trainer's own training dataloader (config, prompt builder, TRL
 preprocessing and collator, via `finetune.stages.sft_trainer`) over the
@@ -20,9 +20,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from results import append_section  # noqa: E402  (after the path insert)
+from bench.results import append_section
 
 
 def real_share(cfg, model, tokenizer, records) -> tuple[float, int]:

@@ -1,6 +1,6 @@
 """Time `data_tools prepare` on the user's full scale: 26,221 positives + 96,000 negatives.
 
-    .venv/bin/python bench/prepare.py [--runs 3]
+    .venv/bin/python -m bench.prepare [--runs 3]
 
 Generates the synthetic inputs once into a temp folder, then runs `prepare`
 as a separate process --runs times and reports the median wall time (min-max)
@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from results import append_section  # noqa: E402  (bench/ is the script's folder)
+from bench.results import append_section
 
 
 def run_once(data: Path, out: Path) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from profile_ops import op_rows
+from bench.profile_ops import op_rows
 
 BENCH = Path(__file__).resolve().parent
 
@@ -72,10 +72,10 @@ class StepTimer(TrainerCallback):
 
 def run_timed(cmd: list[str], times: Path, env: dict | None = None,
               profile: Path | None = None) -> tuple[subprocess.CompletedProcess, dict | None]:
-    """Run a training command whose trainer has a StepTimer (bench/ and the repository on its
-    PYTHONPATH); returns the finished process and what the timer wrote (None if nothing)."""
+    """Run a training command whose trainer has a StepTimer (the repository on its PYTHONPATH, so that
+    `bench.step_timer.StepTimer` imports); returns the finished process and what the timer wrote (None if nothing)."""
     base = env or os.environ
-    path = os.pathsep.join(p for p in (str(BENCH), str(BENCH.parent), base.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(BENCH.parent), base.get("PYTHONPATH", "")) if p)
     env = {**base, "BENCH_T0": repr(time.time()), "BENCH_TIMES": str(times), "PYTHONPATH": path,
            **({"BENCH_PROFILE": str(profile)} if profile is not None else {})}
     done = subprocess.run(cmd, cwd=BENCH.parent, env=env, capture_output=True, text=True)

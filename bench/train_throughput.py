@@ -1,6 +1,6 @@
 """Training throughput of the stacks, side by side: same tiny model, data and settings.
 
-    .venv/bin/python bench/train_throughput.py [--examples 400] [--rounds 3]
+    .venv/bin/python -m bench.train_throughput [--examples 400] [--rounds 3]
 
 Contenders, each a fresh process per run, interleaved round by round so
 machine load hits them alike:
@@ -34,12 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from profile_ops import kinds_table, op_kinds  # noqa: E402  (after the path insert)
-from results import append_section  # noqa: E402
-from step_timer import run_timed  # noqa: E402
+from bench.profile_ops import kinds_table, op_kinds
+from bench.results import append_section
+from bench.step_timer import run_timed
 
 
 def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str], dict]:
@@ -47,7 +45,7 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     ours = [py, str(REPO / "qwen_finetune.py"), "--mode", "single", "--preset", "tiny", "--overwrite",
             f"train_file={data}", "eval_file=", "gen_eval=false", f"output_dir={out}", "logging_steps=10",
             "model_name=tiny-dense",
-            "save_steps=100000", "extra_callbacks=step_timer.StepTimer"]
+            "save_steps=100000", "extra_callbacks=bench.step_timer.StepTimer"]
     if name == "ours-unsloth":
         return ours + ["--backend", "unsloth"], {}
     if name == "ours-hf":
@@ -55,7 +53,7 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     if name == "ours-grouped":
         return ours + ["--backend", "unsloth", "group_by_length=true"], {}
     if name == "plain-trl":
-        return [py, str(REPO / "bench" / "plain_trl_sft.py"), model_dir, data, str(out)], {}
+        return [py, "-m", "bench.plain_trl_sft", model_dir, data, str(out)], {}
     import yaml
 
     from parity_tools.axolotl_env import axolotl_env, axolotl_python
@@ -63,7 +61,7 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
 
     dataset = yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))["datasets"][0]
     config = tiny_axolotl_training_config(
-        out.parent / f"{out.name}.yml", model_dir, out, plugins=["axolotl_step_timer.StepTimerPlugin"],
+        out.parent / f"{out.name}.yml", model_dir, out, plugins=["bench.axolotl_step_timer.StepTimerPlugin"],
         save_strategy="no", save_steps=None, datasets=[{**dataset, "path": data.replace(".json", ".messages.jsonl")}],
         **axolotl_model_changes("tiny-dense"))
     return [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)], axolotl_env()

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from callbacks.metrics import DEFAULT_FIELDS, compute_metrics, flatten, parse_prediction
+from callbacks.error_report import render as render_errors
+from callbacks.metrics import DEFAULT_FIELDS, classify, compute_metrics, flatten, parse_prediction, record_context
 from data_tools.prompt import record_messages
 from data_tools.records import atomic_write_text, gold_offenders, seeded_subset, write_rows
 
@@ -76,19 +77,25 @@ def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: i
     return results  # type: ignore[return-value]
 
 
+# The headline metrics repeated for each part of the eval set (by `source`, by article `shape`).
+PER_PART = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
+            "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_ungrounded_name_rate",
+            "gen_num_examples")
+
+
 def score(records: Sequence[dict], answers: Sequence[dict], fields: Sequence[str] = DEFAULT_FIELDS) -> dict:
-    """All gen_* metrics, overall and per source (positive/negative) where records carry one."""
+    """All gen_* metrics, overall, per source (positive/negative) and per article shape where records
+    carry them (`gen_offender_name_set_f1/positive`, `gen_offender_name_set_f1/shape/court`)."""
     gold = [gold_offenders(r) for r in records]
     preds = [a["prediction"] for a in answers]
-    metrics = compute_metrics(gold, preds, fields)
+    metrics = compute_metrics(gold, preds, fields, **record_context(records, [a["truncated"] for a in answers]))
     metrics["gen_truncation_rate"] = sum(a["truncated"] for a in answers) / len(answers)
-    for source in sorted({r.get("source") for r in records if r.get("source")}):
-        idx = [i for i, r in enumerate(records) if r.get("source") == source]
-        part = compute_metrics([gold[i] for i in idx], [preds[i] for i in idx], fields)
-        for key in ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
-                    "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_num_examples"):
-            if key in part:
-                metrics[f"{key}/{source}"] = part[key]
+    for key, prefix in (("source", ""), ("shape", "shape/")):
+        for value in sorted({str(r[key]) for r in records if r.get(key)}):
+            idx = [i for i, r in enumerate(records) if str(r.get(key)) == value]
+            part = compute_metrics([gold[i] for i in idx], [preds[i] for i in idx], fields,
+                                   **record_context([records[i] for i in idx], [answers[i]["truncated"] for i in idx]))
+            metrics.update({f"{name}/{prefix}{value}": part[name] for name in PER_PART if name in part})
     return metrics
 
 
@@ -101,17 +108,22 @@ def prediction_rows(records: Sequence[dict], answers: Sequence[dict], fields: Se
         if pred is not None:
             g, p = flatten(gold, fields), flatten(pred, fields)
             matches = {k: g[k] == p[k] for k in g}
-        rows.append({"id": r.get("id"), "source": r.get("source"), "gold": r["output"],
+        category, names, wrong = classify(gold, a["prediction"], r["input"], a["truncated"], fields)
+        rows.append({"id": r.get("id"), "source": r.get("source"), "shape": r.get("shape"), "gold": r["output"],
                      "prediction": a["prediction"], "parseable": pred is not None,
-                     "truncated": a["truncated"], "field_matches": matches})
+                     "truncated": a["truncated"], "field_matches": matches, "category": category,
+                     "names": names, "wrong_fields": wrong})
     return rows
 
 
-def write_results(out_dir: str | os.PathLike, step: int, metrics: dict, rows: list[dict]) -> None:
-    """gen_metrics_step{N}.json and gen_predictions_step{N}.jsonl, each written atomically."""
+def write_results(out_dir: str | os.PathLike, step: int, metrics: dict, rows: list[dict],
+                  records: Sequence[dict]) -> None:
+    """gen_metrics_step{N}.json, gen_predictions_step{N}.jsonl and the error report gen_errors_step{N}.md,
+    each written atomically."""
     out = Path(out_dir)
     atomic_write_text(out / f"gen_metrics_step{step}.json", [json.dumps(metrics, indent=2, ensure_ascii=False)])
     write_rows(out / f"gen_predictions_step{step}.jsonl", rows)
+    atomic_write_text(out / f"gen_errors_step{step}.md", [render_errors(rows, records, f"Errors at step {step}")])
 
 
 def evaluate_records(model, tokenizer, records: Sequence[dict], *, batch_size: int = 32,
@@ -187,7 +199,8 @@ class GenerationEvalCallback(TrainerCallback):
         metrics = score(self.records, answers, self.fields)
         out_dir = self.output_dir or (args.output_dir if args is not None else None)
         if out_dir:
-            write_results(out_dir, step, metrics, prediction_rows(self.records, answers, self.fields))
+            write_results(out_dir, step, metrics, prediction_rows(self.records, answers, self.fields),
+                          self.records)
         self.history.append({"step": step, **metrics})
         return metrics
 

@@ -144,14 +144,68 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 1.0 if denom == 0 else 2 * tp / denom
 
 
+# One category per prediction, the first that applies, in this order (README: "Error categories").
+ERROR_CATEGORIES: tuple[str, ...] = ("truncated", "unparseable", "ungrounded_name", "non_offender_extracted",
+                                     "missed_offender", "wrong_attributes", "correct")
+
+
+def is_grounded(name: str, article: str) -> bool:
+    """Whether a normalised name occurs in the article, compared the way names are (NFKC, whitespace
+    removed from both: '山田 太郎', a full-width name or one broken by a line break still count)."""
+    return normalize_name(name) in normalize_name(article)
+
+
+def predicted_names(pred: Sequence[dict] | None) -> list[str]:
+    """The distinct non-empty normalised names of a parsed prediction (an offender without a name is not
+    a name)."""
+    return sorted(name_set(pred or ()) - {""})
+
+
+def classify(gold_offenders: Sequence[dict], prediction: str | None, article: str, truncated: bool = False,
+             fields: Sequence[str] = DEFAULT_FIELDS) -> tuple[str, list[str], list[str]]:
+    """(category, the names it is about, the wrong fields) of one prediction; the category is the first of
+    ERROR_CATEGORIES that applies:
+
+    - truncated: cut by the token limit and unparseable; unparseable: any other unparseable answer;
+    - ungrounded_name: a predicted name that does not occur in the article (written from the model's prior);
+    - non_offender_extracted: a predicted name that occurs in the article but is no offender's (a victim,
+      witness, judge, a surname alone; on a negative article, any name);
+    - missed_offender: a gold offender's name not predicted (`[]` on a positive included);
+    - wrong_attributes: the right names, but the count or a field differs (listed);
+    - correct: every field matches (the all-fields exact match).
+    """
+    pred = parse_prediction(prediction)
+    if pred is None:
+        return ("truncated" if truncated else "unparseable"), [], []
+    g_flat, p_flat = flatten(gold_offenders, fields), flatten(pred, fields)
+    if g_flat == p_flat:
+        return "correct", [], []
+    names, gold_names = predicted_names(pred), set(predicted_names(gold_offenders))
+    text = normalize_name(article)
+    if ungrounded := [n for n in names if n not in text]:
+        return "ungrounded_name", ungrounded, []
+    if extra := [n for n in names if n not in gold_names]:
+        return "non_offender_extracted", extra, []
+    if missed := sorted(gold_names - set(names)):
+        return "missed_offender", missed, []
+    return "wrong_attributes", names, [k for k in g_flat if g_flat[k] != p_flat[k]]
+
+
 def compute_metrics(
     gold: Sequence[Sequence[dict]],
     predictions: Sequence[str | None],
     fields: Sequence[str] = DEFAULT_FIELDS,
+    *,
+    articles: Sequence[str] | None = None,
+    non_offenders: Sequence[Sequence[str] | None] | None = None,
+    truncated: Sequence[bool] | None = None,
 ) -> dict[str, float | int]:
     """Score predictions (raw model text) against gold offender lists.
 
-    ``gold[i]`` is the parsed ``offenders`` list of example i.
+    ``gold[i]`` is the parsed ``offenders`` list of example i. With ``articles`` (the input texts) the
+    grounding metrics and the share of each error category are added; ``non_offenders[i]``, where a
+    record lists the people its article names who are not offenders, adds the non-offender rate;
+    ``truncated[i]`` tells a cut answer from an unparseable one.
     """
     if len(gold) != len(predictions):
         raise ValueError(f"{len(gold)} gold examples but {len(predictions)} predictions")
@@ -205,4 +259,44 @@ def compute_metrics(
         metrics[f"gen_field_match_rate/{k}"] = field_hits[k] / n
     if negatives:
         metrics["gen_negative_hallucination_rate"] = hallucinated / negatives
+    if articles is not None:
+        metrics.update(grounding_metrics(gold, predictions, articles, non_offenders, truncated, fields))
     return metrics
+
+
+def record_context(records: Sequence[dict], truncated: Sequence[bool] | None = None) -> dict:
+    """compute_metrics' keyword arguments from task records: their articles (`input`) and, where records
+    carry a `non_offenders` list, those lists."""
+    listed = [r.get("non_offenders") if isinstance(r.get("non_offenders"), list) else None for r in records]
+    return {"articles": [r["input"] for r in records], "truncated": truncated,
+            "non_offenders": listed if any(x is not None for x in listed) else None}
+
+
+def grounding_metrics(gold, predictions, articles, non_offenders=None, truncated=None,
+                      fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, float]:
+    """gen_ungrounded_name_rate: of all names predicted (distinct per example, non-empty, parseable answers
+    only), the share that does not occur in the article (``is_grounded``); 0 when no name is predicted.
+    gen_non_offender_extracted_rate (only when some record lists its non-offenders): of the names predicted
+    for those records, the share that is one of the listed non-offenders.
+    gen_error_rate/<category>: the share of examples in each of ERROR_CATEGORIES."""
+    n = len(gold)
+    if len(articles) != n:
+        raise ValueError(f"{n} gold examples but {len(articles)} articles")
+    truncated = truncated if truncated is not None else [False] * n
+    named = ungrounded = listed_named = listed_hits = 0
+    categories = dict.fromkeys(ERROR_CATEGORIES, 0)
+    for i, (gold_offenders, text, article) in enumerate(zip(gold, predictions, articles)):
+        names = predicted_names(parse_prediction(text))
+        named += len(names)
+        ungrounded += sum(not is_grounded(name, article) for name in names)
+        listed = non_offenders[i] if non_offenders is not None else None
+        if listed is not None:
+            others = {normalize_name(x) for x in listed} - {""}
+            listed_named += len(names)
+            listed_hits += sum(name in others for name in names)
+        categories[classify(gold_offenders, text, article, bool(truncated[i]), fields)[0]] += 1
+    out = {"gen_ungrounded_name_rate": ungrounded / named if named else 0.0}
+    if non_offenders is not None and any(x is not None for x in non_offenders):
+        out["gen_non_offender_extracted_rate"] = listed_hits / listed_named if listed_named else 0.0
+    out.update({f"gen_error_rate/{c}": k / n for c, k in categories.items()})
+    return out

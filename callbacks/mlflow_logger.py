@@ -10,7 +10,7 @@ callback logs all of that itself (use it *instead* of report_to="mlflow"):
   hashes and counts, backend, library versions), flattened, secrets redacted;
 - metrics: every numeric value the trainer logs (train, eval, gen_*), per step
   (a value already logged for the same step is not logged again);
-- artifacts: gen_metrics/gen_predictions files, config, run summary.
+- artifacts: gen_metrics/gen_predictions/gen_errors files, config, run summary.
 
 Where: `tracking_uri`, else $MLFLOW_TRACKING_URI, else the sqlite store
 `<store_dir>/mlflow.db` (artifacts in `<store_dir>/mlartifacts`); `store_dir`
@@ -98,7 +98,8 @@ class MLflowLogger:
                  experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
                  params: dict[str, Any] | None = None, parent_run_id: str | None = None,
                  require: bool = False, artifact_globs: tuple[str, ...] = ("gen_metrics_step*.json",
-                                                                           "gen_predictions_step*.jsonl"),
+                                                                           "gen_predictions_step*.jsonl",
+                                                                           "gen_errors_step*.md"),
                  store_dir: str | os.PathLike | None = None, parent: MLflowLogger | None = None,
                  retry_s: float | None = None, reconnect_s: float | None = None):
         """`parent`: the logger of the parent run (two stages), when its run may not exist yet (created

@@ -29,7 +29,9 @@ from typing import Any, Iterable, Iterator, Sequence
 from callbacks.metrics import DEFAULT_FIELDS, NonFiniteJSONError, loads_strict, normalize_name, reject_constant
 
 REQUIRED_KEYS = ("instruction", "input", "output")
-OPTIONAL_KEYS = ("id", "source")
+# Kept through every conversion: the evaluator breaks metrics down by source and shape, and scores
+# non-offender extraction where a record lists its article's non-offenders.
+OPTIONAL_KEYS = ("id", "source", "shape", "non_offenders")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _BOM = b"\xef\xbb\xbf"
 BOM_WARNING = "UTF-8 byte-order mark (BOM) at the start; read without it"

@@ -344,10 +344,13 @@ def write_article(seed: int, split: str, kind: str, index: int, shapes: tuple[st
 
 def make_record(seed: int, split: str, kind: str, index: int, shapes: tuple[str, ...],
                 held_out_names: bool, instruction: str) -> dict:
-    """One article; the same arguments always give the same record."""
-    shape, text, offenders, _ = write_article(seed, split, kind, index, shapes, held_out_names)
+    """One article; the same arguments always give the same record. `non_offenders`: the other people the
+    article names (victims, witnesses, judges, relatives), for the non-offender extraction rate."""
+    shape, text, offenders, named = write_article(seed, split, kind, index, shapes, held_out_names)
+    offender_names = {o["name"] for o in offenders}
     return {"id": f"{split}-{kind[:3]}-{index:06d}", "instruction": instruction, "input": text,
-            "output": answer_json(offenders), "shape": shape}
+            "output": answer_json(offenders), "shape": shape,
+            "non_offenders": [n for n in named if n not in offender_names]}
 
 
 def shapes_for(kind: str, exclude_shapes=(), only_shapes=()) -> tuple[str, ...]:

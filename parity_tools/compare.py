@@ -19,7 +19,9 @@ DEFAULT_TOLERANCES = {
     "gen_json_parse_rate": 0.02, "gen_offender_presence_f1": 0.02, "gen_offender_name_set_f1": 0.02,
     "gen_all_fields_exact_match_rate": 0.02, "gen_negative_hallucination_rate": 0.02, "gen_truncation_rate": 0.02,
 }
-LOWER_IS_BETTER = ("gen_negative_hallucination_rate", "gen_truncation_rate")
+LOWER_IS_BETTER = ("gen_negative_hallucination_rate", "gen_truncation_rate", "gen_ungrounded_name_rate",
+                   "gen_non_offender_extracted_rate")
+ERRORS = "gen_error_rate/"  # the share of each error category: shown as counts in their own table
 
 
 @dataclass
@@ -38,7 +40,8 @@ class Row:
         """How much worse the candidate is (> 0 = worse), in the metric's own direction."""
         if self.diff is None:
             return 0.0
-        lower_better = self.name.split("/")[0] in LOWER_IS_BETTER
+        lower_better = self.name.split("/")[0] in LOWER_IS_BETTER or (
+            self.name.startswith(ERRORS) and self.name != ERRORS + "correct")
         return self.diff if lower_better else -self.diff
 
     @property
@@ -98,10 +101,29 @@ def table(rows: list[Row], ref_name: str, cand_name: str) -> str:
     lines = [f"| metric | {ref_name} | {cand_name} | diff | tolerance | verdict |",
              "|---|---:|---:|---:|---:|---|"]
     for r in rows:
+        if r.name.startswith(ERRORS) and r.tolerance is None:
+            continue
         verdict = "WORSE" if r.failed else ("ok" if r.tolerance is not None else "")
         diff = "—" if r.diff is None else f"{r.diff:+.4f}"
         tol = "" if r.tolerance is None else f"{r.tolerance:g}"
         lines.append(f"| {r.name} | {_fmt(r.ref)} | {_fmt(r.cand)} | {diff} | {tol} | {verdict} |")
+    return "\n".join(lines)
+
+
+def error_table(ref: dict, cand: dict, ref_name: str, cand_name: str) -> str:
+    """How many examples of each run fell in each error category (callbacks/metrics.py), side by side;
+    '' when neither run has them (metrics from before the categories existed)."""
+    from callbacks.metrics import ERROR_CATEGORIES
+
+    if not any(k.startswith(ERRORS) for k in (*ref, *cand)):
+        return ""
+
+    def count(metrics: dict, category: str) -> str:
+        rate = metrics.get(ERRORS + category)
+        return "—" if rate is None else str(round(rate * metrics["gen_num_examples"]))
+
+    lines = [f"| error category | {ref_name} | {cand_name} |", "|---|---:|---:|"]
+    lines += [f"| {c} | {count(ref, c)} | {count(cand, c)} |" for c in ERROR_CATEGORIES]
     return "\n".join(lines)
 
 
@@ -116,7 +138,8 @@ def losses_of(summary_path: str | None) -> list[tuple[int, float]]:
 
 
 def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources: tuple[str, str],
-                 losses: tuple[list, list], appendix: str = "") -> list[Path]:
+                 losses: tuple[list, list], appendix: str = "", errors: str = "") -> list[Path]:
+    """parity_report.md and its charts; `errors`: the error_table of both runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,6 +179,8 @@ def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources
                if failed else f"**PASS**: {names[1]} is within tolerance of {names[0]} on every gated metric")
     report = [f"# Parity report: {names[0]} vs {names[1]}", "", f"- reference: `{sources[0]}`",
               f"- candidate: `{sources[1]}`", "", verdict, "", table(rows, *names), "",
+              *(["Examples per error category (each example in the first that applies):", "", errors, ""]
+                if errors else []),
               "![metrics](parity_metrics.png)"]
     if len(written) > 1:
         report.append("![losses](parity_losses.png)")

@@ -55,4 +55,7 @@ def evaluate(base_model: str, adapter: str | None, data: str, out: Path, *, max_
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", [json.dumps({**metrics, "meta": meta}, indent=2, ensure_ascii=False)])
     write_rows(out / "predictions.jsonl", rows)
+    from callbacks.error_report import render
+
+    atomic_write_text(out / "errors.md", [render(rows, records, f"Errors: {adapter or base_model} on {data}")])
     return metrics

@@ -200,7 +200,8 @@ def _evaluate_and_compare(out: Path, model: str, adapters: dict, summaries: dict
                                  for n, g in learnt.items()) + "\n")
     cmp.write_report(out, rows, (reference, candidate), (files[reference], files[candidate]),
                      (cmp.losses_of(summaries.get(reference)), cmp.losses_of(summaries.get(candidate))),
-                     appendix="".join(extra))
+                     appendix="".join(extra),
+                     errors=cmp.error_table(metrics[reference], metrics[candidate], reference, candidate))
     print(table)
     for line in extra[1:]:
         print(line.strip())

@@ -102,7 +102,11 @@ def test_axolotl_trains_the_tiny_config_with_both_plugins(tmp_path, mlflow_serve
         assert metrics["gen_num_examples"] == 16 and 0 <= metrics["gen_json_parse_rate"] <= 1
         assert "gen_offender_presence_f1/positive" in metrics and "gen_truncation_rate" in metrics
         rows = [json.loads(line) for line in (out / f"gen_predictions_step{step}.jsonl").open()]
-        assert len(rows) == 16 and {"id", "gold", "prediction", "parseable"} <= rows[0].keys()
+        assert len(rows) == 16 and {"id", "gold", "prediction", "parseable", "category"} <= rows[0].keys()
+        # the messages export keeps shape and non_offenders: the same breakdowns as our trainer's
+        assert "gen_non_offender_extracted_rate" in metrics and "gen_error_rate/correct" in metrics
+        assert any(k.startswith("gen_offender_name_set_f1/shape/") for k in metrics)
+        assert (out / f"gen_errors_step{step}.md").read_text().startswith(f"# Errors at step {step}")
 
     # The MLflow plugin: one finished run with params, metrics (gen_* included) and artifacts.
     from mlflow import MlflowClient

@@ -121,7 +121,10 @@ def _rows(values):
 
 def test_convert_round_trips():
     recs = [{**r, "source": "positive"} for r in _records("positive", 5)]
-    plain = [{k: r[k] for k in ("instruction", "input", "output", "id", "source")} for r in recs]
+    # every record key survives the trip: the task's three, and id, source, shape, non_offenders
+    plain = [{k: r[k] for k in ("instruction", "input", "output", "id", "source", "shape", "non_offenders")}
+             for r in recs]
+    assert plain == recs
     for fmt in ("messages", "prompt-completion"):
         exported = convert_rows(_rows(recs), "auto", fmt, ("name", "age", "occupation", "address", "charge"))
         assert convert_rows(_rows(exported), "auto", "records", ("name",)) == plain

@@ -20,8 +20,7 @@ from test_trainer import REPO, ok, summary, train
 if not torch.cuda.is_available():
     pytest.skip("needs an NVIDIA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
 
-sys.path.insert(0, str(REPO / "bench"))
-from gpu import build_model, moe_config  # noqa: E402  (bench/ is not a package)
+from bench.gpu import build_model, moe_config
 
 pytestmark = pytest.mark.gpu
 

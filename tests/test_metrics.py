@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from callbacks.metrics import compute_metrics, flatten, normalize_age, normalize_name, parse_prediction
+from callbacks.metrics import (ERROR_CATEGORIES, classify, compute_metrics, flatten, is_grounded, normalize_age,
+                              normalize_name, parse_prediction)
 
 YAMADA = {"name": "山田太郎", "age": 34, "occupation": "会社員", "address": "東京都新宿区", "charge": "窃盗"}
 SATO = {"name": "佐藤花子", "age": 28, "occupation": "無職", "address": "大阪市北区", "charge": "詐欺"}
@@ -131,3 +132,70 @@ def test_errors():
         compute_metrics([], [])
     with pytest.raises(ValueError, match="2 gold"):
         compute_metrics([[], []], [answer()])
+
+
+# ---------------------------------------------------------------- grounding and error categories
+ARTICLE = "警視庁新宿署は3日、窃盗の疑いで、東京都新宿区、会社員山田 太郎容疑者（34）を逮捕した。被害者の鈴木一郎さんにけがはなかった。"
+NOT_IN_ARTICLE = {**YAMADA, "name": "田中次郎"}
+VICTIM = {**YAMADA, "name": "鈴木一郎"}
+
+
+@pytest.mark.parametrize("name, article, grounded", [
+    ("山田太郎", "会社員山田 太郎容疑者", True),  # a space inside the name in the article
+    ("山田 太郎", "会社員山田太郎容疑者", True),  # ... or in the prediction
+    ("山田太郎", "会社員山田\n太郎容疑者", True),  # a name broken by a line break
+    ("ＡＢＣ", "会社員ABC容疑者", True),  # full-width against half-width (NFKC)
+    ("山田太", "会社員山田太郎容疑者", True),  # a part of a name occurs: grounded (wrong, but not invented)
+    ("田中次郎", "会社員山田太郎容疑者", False),
+])
+def test_a_name_is_grounded_when_it_occurs_in_the_article_as_names_are_compared(name, article, grounded):
+    assert is_grounded(name, article) is grounded
+
+
+def test_ungrounded_name_rate_counts_distinct_predicted_names_of_parseable_answers():
+    gold = [[YAMADA], [YAMADA], [YAMADA], []]
+    predictions = [answer(YAMADA, NOT_IN_ARTICLE, NOT_IN_ARTICLE),  # 2 distinct names, 1 invented
+                   "not json",  # no names
+                   answer({**YAMADA, "name": None}),  # an offender without a name is not a name
+                   answer()]
+    m = compute_metrics(gold, predictions, articles=[ARTICLE] * 4)
+    assert m["gen_ungrounded_name_rate"] == 0.5
+    assert "gen_non_offender_extracted_rate" not in m  # no record lists its non-offenders
+    assert compute_metrics([[YAMADA]], [answer()], articles=[ARTICLE])["gen_ungrounded_name_rate"] == 0.0
+    assert "gen_ungrounded_name_rate" not in compute_metrics(gold, predictions)  # no articles, no grounding
+
+
+def test_non_offender_rate_over_the_records_that_list_their_non_offenders():
+    gold = [[YAMADA], [], [YAMADA]]
+    predictions = [answer(YAMADA, VICTIM), answer(VICTIM), answer(VICTIM)]
+    listed = [["鈴木 一郎"], ["鈴木一郎"], None]  # the third record lists nothing: left out
+    m = compute_metrics(gold, predictions, articles=[ARTICLE] * 3, non_offenders=listed)
+    assert m["gen_non_offender_extracted_rate"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("gold, prediction, truncated, expected", [
+    ([YAMADA], '{"offenders": [{"name": "山田', True, ("truncated", [], [])),
+    ([YAMADA], '{"offenders": [{"name": "山田', False, ("unparseable", [], [])),
+    ([YAMADA], answer(VICTIM, NOT_IN_ARTICLE), False, ("ungrounded_name", ["田中次郎"], [])),  # first wins
+    ([YAMADA], answer(YAMADA, VICTIM), False, ("non_offender_extracted", ["鈴木一郎"], [])),
+    ([], answer(VICTIM), False, ("non_offender_extracted", ["鈴木一郎"], [])),  # on a negative article
+    ([YAMADA, {**SATO, "name": "鈴木一郎"}], answer(YAMADA), False, ("missed_offender", ["鈴木一郎"], [])),
+    ([YAMADA], answer(), False, ("missed_offender", ["山田太郎"], [])),
+    ([YAMADA], answer({**YAMADA, "age": "３４", "charge": "強盗"}), False,
+     ("wrong_attributes", ["山田太郎"], ["charge"])),  # full-width 34 is 34: only the charge is wrong
+    ([YAMADA], answer({**YAMADA, "name": "山田 太郎", "age": "34"}), False, ("correct", [], [])),
+    ([], answer(), False, ("correct", [], [])),
+])
+def test_each_prediction_falls_in_the_first_error_category_that_applies(gold, prediction, truncated, expected):
+    assert classify(gold, prediction, ARTICLE, truncated) == expected
+
+
+def test_error_rates_cover_every_example_once():
+    gold = [[YAMADA], [YAMADA], [], [YAMADA]]
+    predictions = [answer(YAMADA), answer(NOT_IN_ARTICLE), answer(), "cut"]
+    m = compute_metrics(gold, predictions, articles=[ARTICLE] * 4, truncated=[False, False, False, True])
+    rates = {k.split("/")[1]: v for k, v in m.items() if k.startswith("gen_error_rate/")}
+    assert set(rates) == set(ERROR_CATEGORIES) and sum(rates.values()) == pytest.approx(1.0)
+    assert rates == {**dict.fromkeys(ERROR_CATEGORIES, 0.0), "correct": 0.5, "ungrounded_name": 0.25,
+                     "truncated": 0.25}
+    assert m["gen_all_fields_exact_match_rate"] == rates["correct"]

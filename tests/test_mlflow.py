@@ -53,7 +53,7 @@ def test_two_stage_run_logs_nested_runs_params_metrics_artifacts_without_secrets
     artifacts = {a.path for a in client.list_artifacts(stage2.info.run_id)}
     assert {"config.yaml", "run_summary.json", "generation_eval"} <= artifacts
     gen_files = {a.path for a in client.list_artifacts(stage2.info.run_id, "generation_eval")}
-    assert any(p.endswith(".json") for p in gen_files) and any(p.endswith(".jsonl") for p in gen_files)
+    assert all(any(p.endswith(ext) for p in gen_files) for ext in (".json", ".jsonl", ".md")), gen_files
 
     # no secret anywhere: params of every run, and every artifact's text
     logged = json.dumps([r.data.params for r in runs])

@@ -65,6 +65,13 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
         assert {k: v for k, v in later.items() if k != "step"} == before
     saved = json.loads((tmp_path / "out" / "single" / "adapter" / "tokenizer_config.json").read_text())
     assert saved.get("padding_side", "right") == before["padding_side"]
+    # every evaluation's error analysis: grounding, categories, the per-shape breakdown and the report
+    m = s["metrics"]
+    assert 0 <= m["gen_ungrounded_name_rate"] <= 1 and 0 <= m["gen_non_offender_extracted_rate"] <= 1
+    assert sum(v for k, v in m.items() if k.startswith("gen_error_rate/")) == pytest.approx(1.0)
+    assert any(k.startswith("gen_offender_name_set_f1/shape/") for k in m)
+    report = (tmp_path / "out" / "single" / f"gen_errors_step{s['global_step']}.md").read_text()
+    assert report.startswith(f"# Errors at step {s['global_step']}") and "| correct |" in report
 
 
 def test_moe_distillation_adds_the_router_loss_like_the_plain_run(tmp_path):

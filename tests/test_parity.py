@@ -138,6 +138,8 @@ def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
     assert outcome["failed"] == []
     report = (out / "parity_report.md").read_text()
     assert "**PASS**" in report and (out / "parity_losses.png").is_file()
+    assert f"| error category | {ours} | axolotl |" in report  # how the two differ, not only that
+    assert all((out / "eval" / name / "errors.md").is_file() for name in ("base", "ours", "axolotl"))
     assert "Model: tiny-moe. Router load-balancing loss: ours off, Axolotl off." in report
     # The same seeded LoRA init and warm-up in both stacks: the same loss, step by step, for the first 40
     # steps (measured at 200 steps: <= 2e-5 relative; later, float32 sums in a different order add up:

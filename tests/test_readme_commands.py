@@ -22,7 +22,7 @@ from conftest import REPO
 
 # Commands that take minutes, a GPU, an install or the user's own files: documented, not run here.
 SLOW = (
-    "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "bench/gpu.py", "-m tiny.build",
+    "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "-m bench.gpu", "-m tiny.build",
     "-m bench.tiny_runs",
     "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
     "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs

@@ -62,6 +62,7 @@ def test_single_mode_writes_adapter_summary_and_marker(single_hf):
     assert s["libraries"]["trl"] and s["trainable_parameters"]["trainable_by_category"]["attention"] > 0
     assert "eval_loss" in s["metrics"] and "gen_json_parse_rate" in s["metrics"]
     assert list(stage.glob("gen_metrics_step*.json")) and list(stage.glob("gen_predictions_step*.jsonl"))
+    assert list(stage.glob("gen_errors_step*.md"))
     # the resolved config is printed at start and saved with the run
     assert "resolved configuration:" in result.stdout and "=== run summary ===" in result.stdout
     assert "max_train_samples: 48" in (stage / "config.yaml").read_text()
