@@ -59,14 +59,15 @@ def render(rows: Sequence[dict], records: Sequence[dict], title: str) -> str:
             elif row.get("names"):
                 head += f": {', '.join(row['names'])}"
             lines += [head,
-                      f"  - article: {excerpt(rec.get('input', ''), row.get('names') or _gold_names(rec))}",
+                      f"  - article: {excerpt(rec.get('input', ''), [*row.get('names', []), *_gold_names(rec)])}",
                       f"  - gold: `{_one_line(rec.get('output', ''))}`",
                       f"  - prediction: `{_one_line(row.get('prediction') or '')}`"]
     return "\n".join(lines) + "\n"
 
 
 def _gold_names(record: dict) -> list[str]:
-    """Where the category names nobody (an unparseable answer): the excerpt centres on the gold names."""
+    """The excerpt falls back on the gold names where the category's names are not in the article (an
+    invented name) or there are none (an unparseable answer)."""
     try:
         return [str(o.get("name") or "") for o in json.loads(record.get("output", ""))["offenders"]]
     except (ValueError, TypeError, KeyError, AttributeError):
