@@ -378,5 +378,5 @@ def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
         assert sum(len(b["input_ids"]) for b in batches) == len(records)  # every example, once
         shares[grouped] = sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["input_ids"].numel()
                                                                                     for b in batches)
-    # 96 examples are one mega-batch; bench/padding.py measures the full mix (0.99 vs 0.79).
+    # 96 examples are one mega-batch; python -m bench.padding measures the full mix (0.99 vs 0.73).
     assert shares["true"] > shares["false"] + 0.05, shares
