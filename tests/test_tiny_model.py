@@ -4,6 +4,7 @@ import hashlib
 import json
 import random
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,3 +103,11 @@ def test_stats_token_lengths_use_the_chat_template(cli, tmp_path):
     longest = max(len(tok(tok.apply_chat_template(record_messages(x), tokenize=False),
                           add_special_tokens=False)["input_ids"]) for x in records)
     assert f"'p100': {longest}" in r.stdout and longest > 50
+
+
+def test_a_missing_tiny_model_is_one_clear_error(tmp_path):
+    from data_tools.records import DataError
+
+    with pytest.raises(DataError, match="moe has no config.json: the shipped tiny model is missing.*tiny.build"):
+        model_dir("tiny-moe", home=tmp_path)
+    assert model_dir("tiny-moe") == HOME / "moe"

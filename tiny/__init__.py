@@ -17,10 +17,13 @@ TINY_MODELS = {"tiny-dense": HOME / "dense", "tiny-moe": HOME / "moe"}
 BUILD_RECORD = HOME / "build.json"
 
 
-def model_dir(name: str) -> Path:
-    """The folder of a shipped tiny model ('tiny-dense' or 'tiny-moe')."""
-    path = TINY_MODELS[name]
+def model_dir(name: str, home: Path = HOME) -> Path:
+    """The folder of a shipped tiny model ('tiny-dense' or 'tiny-moe'); a missing build is the user's
+    error (one line, exit 1), not a traceback."""
+    from data_tools.records import DataError
+
+    path = home / TINY_MODELS[name].name
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: the shipped tiny model is missing from this "
-                                "checkout (git LFS or a partial clone?); rebuild it with python -m tiny.build")
+        raise DataError(f"{path} has no config.json: the shipped tiny model is missing from this checkout "
+                        "(git LFS or a partial clone?); rebuild it with python -m tiny.build")
     return path
