@@ -149,10 +149,16 @@ ERROR_CATEGORIES: tuple[str, ...] = ("truncated", "unparseable", "ungrounded_nam
                                      "missed_offender", "wrong_attributes", "correct")
 
 
+def ungrounded_names(names: Iterable[str], article: str) -> list[str]:
+    """The names that do not occur in the article, compared the way names are (NFKC, whitespace removed
+    from both: '山田 太郎', a full-width name or one broken by a line break still count); the article is
+    normalised once for all of them."""
+    text = normalize_name(article)
+    return [n for n in names if normalize_name(n) not in text]
+
+
 def is_grounded(name: str, article: str) -> bool:
-    """Whether a normalised name occurs in the article, compared the way names are (NFKC, whitespace
-    removed from both: '山田 太郎', a full-width name or one broken by a line break still count)."""
-    return normalize_name(name) in normalize_name(article)
+    return not ungrounded_names([name], article)
 
 
 def predicted_names(pred: Sequence[dict] | None) -> list[str]:
@@ -181,8 +187,7 @@ def classify(gold_offenders: Sequence[dict], prediction: str | None, article: st
     if g_flat == p_flat:
         return "correct", [], []
     names, gold_names = predicted_names(pred), set(predicted_names(gold_offenders))
-    text = normalize_name(article)
-    if ungrounded := [n for n in names if n not in text]:
+    if ungrounded := ungrounded_names(names, article):
         return "ungrounded_name", ungrounded, []
     if extra := [n for n in names if n not in gold_names]:
         return "non_offender_extracted", extra, []
@@ -275,7 +280,7 @@ def record_context(records: Sequence[dict], truncated: Sequence[bool] | None = N
 def grounding_metrics(gold, predictions, articles, non_offenders=None, truncated=None,
                       fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, float]:
     """gen_ungrounded_name_rate: of all names predicted (distinct per example, non-empty, parseable answers
-    only), the share that does not occur in the article (``is_grounded``); 0 when no name is predicted.
+    only), the share that does not occur in the article (``ungrounded_names``); 0 when no name is predicted.
     gen_non_offender_extracted_rate (only when some record lists its non-offenders): of the names predicted
     for those records, the share that is one of the listed non-offenders.
     gen_error_rate/<category>: the share of examples in each of ERROR_CATEGORIES."""
@@ -288,7 +293,7 @@ def grounding_metrics(gold, predictions, articles, non_offenders=None, truncated
     for i, (gold_offenders, text, article) in enumerate(zip(gold, predictions, articles)):
         names = predicted_names(parse_prediction(text))
         named += len(names)
-        ungrounded += sum(not is_grounded(name, article) for name in names)
+        ungrounded += len(ungrounded_names(names, article))
         listed = non_offenders[i] if non_offenders is not None else None
         if listed is not None:
             others = {normalize_name(x) for x in listed} - {""}

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from callbacks.metrics import ERROR_CATEGORIES
 from data_tools.records import DataError, atomic_write_text
 
 DEFAULT_TOLERANCES = {
@@ -113,8 +114,6 @@ def table(rows: list[Row], ref_name: str, cand_name: str) -> str:
 def error_table(ref: dict, cand: dict, ref_name: str, cand_name: str) -> str:
     """How many examples of each run fell in each error category (callbacks/metrics.py), side by side;
     '' when neither run has them (metrics from before the categories existed)."""
-    from callbacks.metrics import ERROR_CATEGORIES
-
     if not any(k.startswith(ERRORS) for k in (*ref, *cand)):
         return ""
 

@@ -41,6 +41,7 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
 
 def evaluate(base_model: str, adapter: str | None, data: str, out: Path, *, max_samples: int = 0,
              seed: int = 0, batch_size: int = 32, dtype: str = "float32") -> dict:
+    from callbacks.error_report import render as render_errors
     from callbacks.generation_eval import evaluate_records
     from callbacks.metrics import DEFAULT_FIELDS
     from data_tools.convert import load_any_records
@@ -55,7 +56,5 @@ def evaluate(base_model: str, adapter: str | None, data: str, out: Path, *, max_
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", [json.dumps({**metrics, "meta": meta}, indent=2, ensure_ascii=False)])
     write_rows(out / "predictions.jsonl", rows)
-    from callbacks.error_report import render
-
-    atomic_write_text(out / "errors.md", [render(rows, records, f"Errors: {adapter or base_model} on {data}")])
+    atomic_write_text(out / "errors.md", [render_errors(rows, records, f"Errors: {adapter or base_model} on {data}")])
     return metrics
