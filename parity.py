@@ -99,7 +99,8 @@ def evaluate(args) -> int:
     shown = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
              "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate")
     print(", ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'predictions.jsonl'} "
+    print(f"wrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'predictions.jsonl'} and "
+          f"{Path(args.out) / 'errors.md'} "
           f"({metrics['gen_num_examples']} examples)")
     return 0
 
