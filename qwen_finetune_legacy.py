@@ -42,6 +42,7 @@ FROZEN = {
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "seed": 3407,
+    "best_metric": "",  # the old run kept the last step's adapter
 }
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ FIGURES = [
            rf"\| `tiny-dense` \(`model_name=tiny-dense`, {NUM} s\) \| {NUM} \| {NUM} \| \*\*{NUM}\*\* \| "
            rf"\*\*{NUM}\*\* \| {NUM} \|",
            "demo runs", lambda: demo("tiny-dense", "train, s") + metric_row("demo runs", "tiny-dense")),
+    Figure("demo: the step adapter/ keeps",
+           rf"adapter/ = step {NUM}, highest gen_offender_name_set_f1: {NUM}; adapter_last/ = step 375 \({NUM}\)",
+           "demo runs", lambda: demo("tiny-moe", "adapter/ step", "its name-set F1", "last step's")),
     Figure("parity run: total minutes, training seconds",
            rf"states the router aux-loss setting of both stacks\), {NUM} min in all \(training {NUM} s ours, "
            rf"{NUM} s Axolotl\)", "parity run", parity_times),

@@ -305,3 +305,24 @@ def grounding_metrics(gold, predictions, articles, non_offenders=None, truncated
         out["gen_non_offender_extracted_rate"] = listed_hits / listed_named if listed_named else 0.0
     out.update({f"gen_error_rate/{c}": k / n for c, k in categories.items()})
     return out
+
+
+# Every metric a run reports, by the name before any "/part" suffix (per source, shape, field, category);
+# eval_loss is the trainer's own. Used to check a metric named in a setting before a run starts.
+METRIC_NAMES: tuple[str, ...] = (
+    "gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1", "gen_all_fields_exact_match_rate",
+    "gen_field_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate", "gen_ungrounded_name_rate",
+    "gen_non_offender_extracted_rate", "gen_error_rate", "eval_loss")
+# Rates of a failure: lower is better. Every other metric: higher is better.
+LOWER_IS_BETTER: tuple[str, ...] = ("gen_negative_hallucination_rate", "gen_truncation_rate",
+                                    "gen_ungrounded_name_rate", "gen_non_offender_extracted_rate", "eval_loss")
+
+
+def is_known_metric(name: str) -> bool:
+    return name.split("/")[0] in METRIC_NAMES
+
+
+def lower_is_better(name: str) -> bool:
+    """`gen_error_rate/<category>` is a failure rate too, except the share of correct answers."""
+    base = name.split("/")[0]
+    return base in LOWER_IS_BETTER or (base == "gen_error_rate" and name != "gen_error_rate/correct")

@@ -97,6 +97,11 @@ class FinetuneConfig:
     gen_eval: bool = True
     gen_eval_max_samples: int = 0  # 0 = every eval record (after eval_max_samples)
     gen_eval_batch_size: int = 32
+    # adapter/ = the evaluated step with the best value of best_metric among those meeting every
+    # best_metric_constraint ("METRIC<=NUMBER", also >=, <, >; comma-separated); adapter_last/ = the last
+    # step (finetune/selection.py). best_metric= (empty): adapter/ is the last step, as before.
+    best_metric: str = "gen_offender_name_set_f1"
+    best_metric_constraint: list = field(default_factory=list)
     dataloader_num_workers: int = 0
     # processes that tokenise the training set (rank 0 does it while the other ranks wait);
     # 0 = auto: one below 10,000 examples (spawning costs more), else up to 8
@@ -339,11 +344,32 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
         raise ConfigError("'dataset_num_proc' must be >= 0 (0 = auto) and 'ddp_timeout' >= 1 second")
     if min(cfg.watchdog_first_step_s, cfg.watchdog_step_s, cfg.watchdog_pause_s) <= 0:
         raise ConfigError("watchdog timeouts must be > 0 seconds")
+    check_best_metric(cfg)
     missing = missing_data(cfg)
     if missing and not dry_run:
         raise ConfigError(missing[0])
     if cfg.deepspeed:
         check_deepspeed(cfg, world or world_size())
+
+
+def check_best_metric(cfg: FinetuneConfig) -> None:
+    from finetune.selection import check_metric, parse_constraint
+
+    if cfg.best_metric_constraint and not cfg.best_metric:
+        raise ConfigError("best_metric_constraint needs a best_metric to choose by (e.g. "
+                          "best_metric=gen_offender_name_set_f1), or leave both empty")
+    try:
+        if cfg.best_metric:
+            check_metric(cfg.best_metric)
+        constraints = [parse_constraint(text) for text in cfg.best_metric_constraint]
+    except ValueError as e:
+        raise ConfigError(f"best_metric / best_metric_constraint: {e}") from None
+    if constraints and not cfg.eval_file:
+        raise ConfigError("best_metric_constraint needs evaluations: set eval_file=... (or drop the constraint)")
+    generated = [c.metric for c in constraints if c.metric.startswith("gen_")]
+    if generated and not cfg.gen_eval:
+        raise ConfigError(f"best_metric_constraint names {generated[0]}, a generation metric, but gen_eval "
+                          "is false: turn gen_eval on or drop the constraint")
 
 
 def check_deepspeed(cfg: FinetuneConfig, world: int) -> None:

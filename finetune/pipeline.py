@@ -24,6 +24,8 @@ from finetune.forgetting import measure_forgetting
 from finetune.moe import TaskLossCallback, router_aux_loss_setting
 from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import load_general, plan_general, text_rows
+from finetune.selection import describe as describe_best
+from finetune.selection import describe_plan, selects_best
 from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete, is_rank_zero,
                              latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
                              write_json)
@@ -75,6 +77,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
         print_summary(cfg, [json.loads((stage_dir(cfg, s) / "run_summary.json").read_text()) for s in stages])
         return 0
 
+    say(describe_plan(cfg))
     with timer("data_check"):
         data = read_run_data(cfg, todo)
     if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]:
@@ -127,14 +130,15 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
             summaries.append(json.loads((out / "run_summary.json").read_text()))
             previous = out
             continue
-        if previous is not None:  # an earlier stage finished in another process
+        if previous is not None:  # an earlier stage finished in another process, or chose an earlier step
             load_adapter_weights(model, previous / "adapter")
-            say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}")
+            say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}{adapter_step(previous)}")
         summaries.append(train_stage(cfg, stage, data, model, tokenizer, backend, plan, params, model_info, timer,
                                      resume, parent))
         gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
         _empty_cuda_cache()
-        previous = None  # the model in memory now carries this stage's adapter
+        # The model in memory carries the last step's adapter; the next stage continues the chosen one
+        previous = out if selects_best(cfg) else None
     if parent is not None:
         parent.end()
     print_summary(cfg, summaries, parent.spool_counts() if parent is not None else None)
@@ -241,6 +245,15 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
                      "sources": dict(Counter(r.get("source") or "(none)" for r in train_records)
                                      + Counter(r["source"] for r in rehearsal_text)),
                      "general": general.report if general else None}
+    checkpoint = latest_checkpoint(out) if resume else None
+    best = None
+    if selects_best(cfg):
+        from finetune.best import BestAdapterCallback
+        from finetune.selection import parse_constraint
+
+        best = BestAdapterCallback(cfg.best_metric, [parse_constraint(c) for c in cfg.best_metric_constraint], out,
+                                   resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
+        trainer_callbacks.append(best)
     libraries = library_versions()
     tracker = None
     if cfg.mlflow:
@@ -257,11 +270,11 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
     with timer(f"{stage.name}.tokenise_and_build_trainer"):
         trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks,
                               rehearsal_text)
-    if gen_eval is not None:
-        gen_eval.trainer = trainer
+    for callback in (gen_eval, best):
+        if callback is not None:
+            callback.trainer = trainer
     # First of all callbacks, before transformers' report_to loggers: they all see loss_task next to aux_loss
     trainer.callback_handler.callbacks.insert(0, TaskLossCallback(model_info["router_aux_loss"]["coef"]))
-    checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint:
         say(f"{stage.name}: resuming from {checkpoint}")
     start = time.perf_counter()
@@ -304,13 +317,18 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
     if trainer.is_world_process_zero():
         import yaml
 
-        trainer.save_model(str(out / "adapter"))
-        tokenizer.save_pretrained(str(out / "adapter"))
+        if best is not None:
+            summary["best"] = best.finish(trainer.state.global_step)
+        else:
+            trainer.save_model(str(out / "adapter"))
+            tokenizer.save_pretrained(str(out / "adapter"))
         (out / "config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False,
                                                         allow_unicode=True), encoding="utf-8")
         write_json(out / "run_summary.json", summary)
         if tracker is not None:
-            tracker.log_metrics(metrics, trainer.state.global_step)
+            chosen = summary.get("best") or {}
+            tracker.log_metrics({**metrics, **({"best_step": chosen["step"], f"best_{chosen['metric']}": chosen["value"]}
+                                               if chosen.get("step") is not None else {})}, trainer.state.global_step)
             tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
             summary["mlflow_run_id"] = tracker.run_id  # created late when the server was down at the start
             if tracker.spool_counts():  # the server was unreachable for a while (or refused records)
@@ -357,12 +375,22 @@ def print_summary(cfg: FinetuneConfig, summaries: list[dict], mlflow_parent: dic
         gen = {k: v for k, v in m.items() if k in SUMMARY_METRICS}
         if gen:
             say("         " + ", ".join(f"{k} {v:.3f}" for k, v in gen.items()))
+        if s.get("best"):
+            say("         " + describe_best(s["best"]))
         if s.get("mlflow_spool"):
             say("         " + describe_spool(s["mlflow_spool"], cfg))
     if mlflow_parent:
         say("  parent: " + describe_spool(mlflow_parent, cfg))
     if summaries:
-        say(f"adapter: {Path(cfg.output_dir) / summaries[-1]['stage'] / 'adapter'}")
+        last = summaries[-1]
+        step = (last.get("best") or {}).get("adapter_step", last["global_step"])
+        say(f"adapter: {Path(cfg.output_dir) / last['stage'] / 'adapter'} (step {step})")
+
+
+def adapter_step(stage_out: Path) -> str:
+    best = json.loads((stage_out / "run_summary.json").read_text()).get("best") if (
+        stage_out / "run_summary.json").is_file() else None
+    return f" (step {best['adapter_step']}, chosen by {best['metric']})" if best else ""
 
 
 def describe_spool(counts: dict, cfg: FinetuneConfig) -> str:

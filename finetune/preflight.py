@@ -24,6 +24,7 @@ from finetune.lora import CATEGORIES, count_parameters, plan_targets
 from finetune.moe import describe as describe_aux_loss
 from finetune.moe import router_aux_loss_setting
 from finetune.quant_experts import describe_storage
+from finetune.selection import describe_plan
 from finetune.stages import stages_for
 
 GIB = 1024 ** 3
@@ -282,5 +283,6 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     if "distill_teacher" in memory:
         print(f"distillation teacher pass: +{memory['distill_teacher']} GiB (its logits and the KL's "
               "softmaxes, upper bound; no second copy of the weights: the teacher is the adapter-disabled model)")
+    print(f"adapter      {describe_plan(cfg).removeprefix('adapter/ = ')}")
     print(json.dumps(report, ensure_ascii=False))
     return 0

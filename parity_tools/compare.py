@@ -13,15 +13,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from callbacks.metrics import ERROR_CATEGORIES
+from callbacks.metrics import ERROR_CATEGORIES, lower_is_better
 from data_tools.records import DataError, atomic_write_text
 
 DEFAULT_TOLERANCES = {
     "gen_json_parse_rate": 0.02, "gen_offender_presence_f1": 0.02, "gen_offender_name_set_f1": 0.02,
     "gen_all_fields_exact_match_rate": 0.02, "gen_negative_hallucination_rate": 0.02, "gen_truncation_rate": 0.02,
 }
-LOWER_IS_BETTER = ("gen_negative_hallucination_rate", "gen_truncation_rate", "gen_ungrounded_name_rate",
-                   "gen_non_offender_extracted_rate")
 ERRORS = "gen_error_rate/"  # the share of each error category: shown as counts in their own table
 
 
@@ -41,9 +39,7 @@ class Row:
         """How much worse the candidate is (> 0 = worse), in the metric's own direction."""
         if self.diff is None:
             return 0.0
-        lower_better = self.name.split("/")[0] in LOWER_IS_BETTER or (
-            self.name.startswith(ERRORS) and self.name != ERRORS + "correct")
-        return self.diff if lower_better else -self.diff
+        return self.diff if lower_is_better(self.name) else -self.diff
 
     @property
     def failed(self) -> bool:

@@ -16,13 +16,29 @@ from data_tools.records import DataError, atomic_write_text, file_sha256, seeded
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def check_paths(base_model: str, adapter: str | None) -> str:
+    """The model's path, once a missing adapter or model folder has been named: before torch loads, so a
+    wrong path costs a second, not the import of the whole stack. A hub id is checked by loading it."""
+    from finetune.model import resolve_model_path
+
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise DataError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    path = resolve_model_path(base_model)
+    local = Path(path).expanduser()
+    if (local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1) and not (
+            local / "config.json").is_file():
+        raise DataError(f"--base-model {base_model}: cannot load it (no config.json in {local}); give a model "
+                        "folder, a hub id this machine can reach, or tiny-dense / tiny-moe")
+    return path
+
+
 def load_model(base_model: str, adapter: str | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.model import rank_device_map, resolve_model_path
+    from finetune.model import rank_device_map
 
-    path = resolve_model_path(base_model)
+    path = check_paths(base_model, adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]),
@@ -31,8 +47,6 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
         raise DataError(f"--base-model {base_model}: cannot load it ({str(e).splitlines()[0]}); give a model "
                         "folder, a hub id this machine can reach, or tiny-dense / tiny-moe") from None
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise DataError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
@@ -41,14 +55,16 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
 
 def evaluate(base_model: str, adapter: str | None, data: str, out: Path, *, max_samples: int = 0,
              seed: int = 0, batch_size: int = 32, dtype: str = "float32") -> dict:
-    from callbacks.error_report import render as render_errors
-    from callbacks.generation_eval import evaluate_records
     from callbacks.metrics import DEFAULT_FIELDS
     from data_tools.convert import load_any_records
 
     records = seeded_subset(load_any_records(data, DEFAULT_FIELDS), max_samples, seed)
     if not records:
         raise DataError(f"{data}: no records to evaluate")
+    check_paths(base_model, adapter)
+    from callbacks.error_report import render as render_errors
+    from callbacks.generation_eval import evaluate_records
+
     model, tokenizer = load_model(base_model, adapter, dtype)
     metrics, rows = evaluate_records(model, tokenizer, records, batch_size=batch_size)
     meta = {"base_model": base_model, "adapter": adapter, "data": data, "data_sha256": file_sha256(data),

@@ -19,6 +19,7 @@ def peft_model_with_trained_looking_adapter(kind: str):
 
     cfg = resolve("single", "tiny", None, {"model_name": f"tiny-{kind}", "eval_file": ""}, {}, None)
     model, tokenizer = load_base(cfg, "hf")
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapter whatever ran before
     model = add_lora(model, cfg, "hf", plan_targets(model, cfg))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -50,6 +50,9 @@ def test_two_stage_run_logs_nested_runs_params_metrics_artifacts_without_secrets
     assert [m.step for m in history][:3] == [1, 2, 3]
     for name in ("eval_loss", "gen_json_parse_rate", "gen_offender_name_set_f1", "gen_truncation_rate"):
         assert client.get_metric_history(stage2.info.run_id, name), name
+    best = summary(tmp_path / "out", "stage2")["best"]  # the step adapter/ holds, and its value
+    assert stage2.data.metrics["best_step"] == best["step"]
+    assert stage2.data.metrics["best_gen_offender_name_set_f1"] == pytest.approx(best["value"])
     artifacts = {a.path for a in client.list_artifacts(stage2.info.run_id)}
     assert {"config.yaml", "run_summary.json", "generation_eval"} <= artifacts
     gen_files = {a.path for a in client.list_artifacts(stage2.info.run_id, "generation_eval")}

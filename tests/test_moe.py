@@ -9,6 +9,8 @@ the aux loss must be logged apart from the task loss and added the same way with
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from test_trainer import ok, summary, train
 
@@ -72,6 +74,17 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
     assert any(k.startswith("gen_offender_name_set_f1/shape/") for k in m)
     report = (tmp_path / "out" / "single" / f"gen_errors_step{s['global_step']}.md").read_text()
     assert report.startswith(f"# Errors at step {s['global_step']}") and "| correct |" in report
+    # adapter/ is the best evaluated step by name F1 (saved mid-run through the backend's own save path)
+    best = s["best"]
+    assert best["metric"] == "gen_offender_name_set_f1" and [e["step"] for e in best["evaluations"]] == [1, 2, 3]
+    f1 = {step: json.loads((tmp_path / "out" / "single" / f"gen_metrics_step{step}.json").read_text())[
+        "gen_offender_name_set_f1"] for step in (1, 2, 3)}
+    assert best["adapter_step"] == max((value, step) for step, value in f1.items())[1]  # a tie: the later
+    held, last = (load_file(str(tmp_path / "out" / "single" / d / "adapter_model.safetensors"))
+                  for d in ("adapter", "adapter_last"))
+    assert held.keys() == last.keys()
+    assert all(torch.equal(held[k], last[k]) for k in held) == (best["adapter_step"] == 3)
+    assert f"adapter: out/single/adapter (step {best['adapter_step']})" in result.stdout
 
 
 def test_moe_distillation_adds_the_router_loss_like_the_plain_run(tmp_path):

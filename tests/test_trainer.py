@@ -238,10 +238,11 @@ def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
 
 
 def test_resume_after_sigkill_is_the_run_it_replaced(tmp_path):
-    """Killed after its checkpoint at step 2 and resumed: the same losses step by step and the same final
-    generation metrics as an uninterrupted run (same data order, schedule, optimizer and RNG state)."""
+    """Killed after its checkpoint at step 2 and resumed: the same losses step by step, the same final
+    generation metrics and the same best-step choice as an uninterrupted run (same data order, schedule,
+    optimizer and RNG state)."""
     args = ["--mode", "single", "--backend", "hf", "output_dir=out", *SMALL,
-            "max_steps=6", "save_steps=2", "extra_callbacks=trainer_hooks.SlowSteps"]
+            "max_steps=6", "save_steps=2", "eval_steps=2", "extra_callbacks=trainer_hooks.SlowSteps"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "SLOW_FROM_STEP": "2", "SLOW_STEP_SECONDS": "30"}
     proc = subprocess.Popen([sys.executable, str(REPO / "qwen_finetune.py"), *args], cwd=tmp_path, env=env,
@@ -271,6 +272,9 @@ def test_resume_after_sigkill_is_the_run_it_replaced(tmp_path):
     gen = {k: v for k, v in s["metrics"].items() if k.startswith("gen_")}
     assert gen and gen == {k: v for k, v in whole["metrics"].items() if k.startswith("gen_")}
     assert s["metrics"]["eval_loss"] == pytest.approx(whole["metrics"]["eval_loss"], rel=1e-5)
+    # the best-step choice carries over the kill: step 2 was judged before it, and not again after it
+    assert [e["step"] for e in s["best"]["evaluations"]] == [2, 4, 6]
+    assert s["best"] == whole["best"]
 
 
 def test_watchdog_stays_quiet_through_slow_evaluations_and_saves_and_fires_on_a_slow_step(tmp_path):
@@ -316,22 +320,62 @@ def test_watchdog_limits_a_pause_by_its_own_timeout(tmp_path):
     assert dog.pauses[0]["evaluation_s"] >= 1.2 and dog.pauses[0]["save_s"] >= 1.2
 
 
-def test_torchrun_two_processes_on_the_moe_with_generation_eval(tmp_path):
-    """The user's launch: torchrun, the MoE, a generation eval mid-run (each rank generates its shard,
-    padded batches) with the router aux loss on."""
-    result = ok(train("--mode", "single", "output_dir=out", *SMALL, "model_name=tiny-moe", "eval_steps=2",
+def _adapter_tensors(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _abs_sum(folder: Path) -> float:
+    return sum(float(t.double().abs().sum()) for t in _adapter_tensors(folder).values())
+
+
+def test_torchrun_two_stage_moe_keeps_the_best_step_under_its_constraint(tmp_path):
+    """The user's launch (torchrun, the MoE, generation eval mid-run: each rank generates its shard, padded
+    batches, the router aux loss on) in two stages whose late steps are wrecked by a huge learning rate.
+    Each stage keeps the best evaluated step that meets the constraint as adapter/ (the last as
+    adapter_last/), and stage 2 continues stage 1's chosen adapter on both ranks."""
+    constraint = "gen_truncation_rate<0.9"
+    result = ok(train("--mode", "two-stage", "load_in_4bit=false", "dtype=float32", "output_dir=out", *SMALL,
+                      "max_steps=6", "model_name=tiny-moe", "eval_steps=2", "save_steps=2", "save_total_limit=3",
                       "gen_eval_max_samples=6", "gen_eval_batch_size=2", "router_aux_loss_coef=0.001",
-                      cwd=tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                              "--standalone"]))
-    s = summary(tmp_path / "out")
-    assert s["world_size"] == 2 and s["backend"] == "hf"  # Unsloth's CPU path is single-process
+                      f"best_metric_constraint={constraint}",
+                      "extra_callbacks=trainer_hooks.WreckLearningRate,trainer_hooks.RecordAdapterAtStart",
+                      cwd=tmp_path, env={"WRECK_FROM_STEP": "4", "WRECK_LR": "5"},
+                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]))
     assert "Unsloth's CPU fallback runs one process only" in result.stdout  # auto says why it is not Unsloth
-    assert s["global_step"] == 3 and s["router_aux_loss"]["on"]
-    for step in (2, 3):  # mid-run and at the end, all 6 records gathered from both ranks
-        metrics = json.loads((tmp_path / "out" / "single" / f"gen_metrics_step{step}.json").read_text())
-        assert metrics["gen_num_examples"] == 6
-    assert [a[0] for a in s["router_aux_loss"]["aux_losses"]] == [1, 2, 3]
     assert result.stdout.count("=== run summary ===") == 1  # only rank 0 prints and writes
+    chosen = {}
+    for stage in ("stage1", "stage2"):
+        out = tmp_path / "out" / stage
+        s = summary(tmp_path / "out", stage)
+        assert s["world_size"] == 2 and s["backend"] == "hf" and s["global_step"] == 6
+        assert s["router_aux_loss"]["on"] and [a[0] for a in s["router_aux_loss"]["aux_losses"]] == [1, 2, 3, 4, 5, 6]
+        metrics = {step: json.loads((out / f"gen_metrics_step{step}.json").read_text()) for step in (2, 4, 6)}
+        assert all(m["gen_num_examples"] == 6 for m in metrics.values())  # both ranks' shards gathered
+        # the rule, applied to the run's own metric files: constraint met, highest name F1, later on a tie
+        met = [step for step, m in metrics.items() if m["gen_truncation_rate"] < 0.9]
+        expected = max(met, key=lambda step: (metrics[step]["gen_offender_name_set_f1"], step)) if met else None
+        best = s["best"]
+        assert best["constraints"] == [constraint] and best["step"] == expected
+        assert [(e["step"], e["value"], e["met"]) for e in best["evaluations"]] == [
+            (step, m["gen_offender_name_set_f1"], step in met) for step, m in metrics.items()]
+        assert json.loads((out / "best.json").read_text())["evaluations"] == best["evaluations"]
+        # the checkpoints hold each step's adapter as trained: adapter/ is the chosen one, adapter_last/ the last
+        for folder, step in (("adapter", best["adapter_step"]), ("adapter_last", 6)):
+            held, at_step = _adapter_tensors(out / folder), _adapter_tensors(out / f"checkpoint-{step}")
+            assert held.keys() == at_step.keys() and all(torch.equal(held[k], at_step[k]) for k in held)
+        assert not (out / "adapter_best").exists()
+        chosen[stage] = best["adapter_step"]
+    # the wrecked steps fail the constraint, so stage 1 keeps an earlier step; stage 2 starts from it on each rank
+    s1 = tmp_path / "out" / "stage1"
+    assert json.loads((s1 / "gen_metrics_step6.json").read_text())["gen_truncation_rate"] >= 0.9
+    assert chosen["stage1"] in (2, 4)
+    starts = [json.loads((tmp_path / "out" / "stage2" / f"adapter_at_start-{rank}.json").read_text())
+              for rank in (0, 1)]
+    assert starts[0] == starts[1] == pytest.approx(_abs_sum(s1 / "adapter"), rel=1e-9)
+    assert starts[0] != pytest.approx(_abs_sum(s1 / "adapter_last"), rel=1e-3)
+    assert f"continuing the adapter of out/stage1/adapter (step {chosen['stage1']}" in result.stdout
+    assert f"adapter/ = step {chosen['stage1']}, highest gen_offender_name_set_f1 where {constraint}" in result.stdout
+    assert f"adapter: out/stage2/adapter (step {chosen['stage2']})" in result.stdout
 
 
 def test_loss_falls_on_the_answer_and_its_end_of_turn(tmp_path, monkeypatch):

@@ -10,6 +10,10 @@ RecordRanks: per rank, the process group's backend and timeout, and how often ac
 whole state dict (what a checkpoint under DeepSpeed must not do).
 RecordStageRelease: whether the optimizers of earlier stages are still alive when a stage starts
 (automatic garbage collection off, so only an explicit release frees a reference cycle).
+WreckLearningRate: from global step WRECK_FROM_STEP (0-based) on, every optimizer step runs at
+learning rate WRECK_LR: a run whose late steps are worse than its early ones.
+RecordAdapterAtStart: per stage and rank, the sum of |w| over the LoRA weights when training begins
+(which adapter a stage continues).
 ArticleCutFromPrompt: a deliberately broken reading path: from its creation on, the one prompt
 builder leaves the article out (training rows and the evaluator's prompts alike).
 """
@@ -110,3 +114,18 @@ class ArticleCutFromPrompt(TrainerCallback):
         # The trainer builds its rows and the evaluator its prompts through this module's function.
         prompt.prompt_messages = lambda instruction, article: [
             {"role": "system", "content": instruction}, {"role": "user", "content": "（記事）"}]
+
+
+class WreckLearningRate(TrainerCallback):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step >= int(os.environ["WRECK_FROM_STEP"]):
+            for group in optimizer.param_groups:  # the scheduler sets it again after each step
+                group["lr"] = float(os.environ["WRECK_LR"])
+
+
+class RecordAdapterAtStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        total = sum(float(p.detach().double().abs().sum()) for n, p in model.named_parameters() if "lora_" in n)
+        with open(Path(args.output_dir) / f"adapter_at_start-{os.environ.get('RANK', '0')}.json", "w",
+                  encoding="utf-8") as f:
+            json.dump(total, f)
