@@ -7,7 +7,7 @@
     python parity.py compare REF.json CAND.json [--tolerance gen_offender_presence_f1=0.02 ...] [--out DIR]
     python parity.py run --preset tiny [--pair axolotl|legacy] [--model tiny-moe|tiny-dense] [--out DIR]
 
-`score` applies the metric definitions of callbacks/metrics.py to a file of
+`score` applies the metric definitions of core/metrics.py to a file of
 predictions (one {"prediction": "..."} per line, in the order of GOLD) and
 prints them as one JSON object.
 
@@ -31,9 +31,10 @@ from pathlib import Path
 
 import yaml
 
-from callbacks.metrics import compute_metrics, record_context
+from core.errors import UserError
+from core.metrics import HEADLINE, compute_metrics, record_context
+from core.records import DataError, gold_offenders, load_records, read_rows
 from data_tools.cli_args import add_fields
-from data_tools.records import DataError, gold_offenders, load_records, read_rows
 
 
 def read_predictions(path: str) -> list[str | None]:
@@ -96,9 +97,7 @@ def evaluate(args) -> int:
     metrics = run_evaluation(args.base_model, args.adapter, args.data, Path(args.out),
                              max_samples=args.max_samples, seed=args.seed, batch_size=args.batch_size,
                              dtype=args.dtype)
-    shown = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
-             "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate")
-    print(", ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))
+    print(", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'predictions.jsonl'} and "
           f"{Path(args.out) / 'errors.md'} "
           f"({metrics['gen_num_examples']} examples)")
@@ -187,11 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="legacy pair: training examples per stage (its recipe is micro-batch 1 x 16)")
     p.set_defaults(run=run_pair)
     args = parser.parse_args(argv)
-    from finetune.config import ConfigError  # pure stdlib: importable in Axolotl's environment too
-
     try:
         return args.run(args)
-    except (DataError, ConfigError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -14,10 +14,10 @@ import sys
 
 from finetune.cli import main
 
-# From the seeds where they say it: 4-bit NF4 QLoRA, LoRA r 16 / alpha 32,
+# From the original two-stage run where it says it: 4-bit NF4 QLoRA, LoRA r 16 / alpha 32,
 # stage learning rates 2e-4 then 1e-4, sequence length 1536. The rest was not
 # recorded and is our documented choice: micro-batch 1 x accumulation 16 (as
-# in the migration plan), one epoch per stage, linear decay with 3% warm-up,
+# in the Axolotl plan), one epoch per stage, linear decay with 3% warm-up,
 # AdamW (torch), no weight decay, clip at 1.0, LoRA dropout 0, seed 3407.
 FROZEN = {
     "mode": "two-stage",

@@ -47,8 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from callbacks.runinfo import LIBRARIES
 from bench.results import append_section
+from core.runinfo import LIBRARIES
 MOE_CONFIG = REPO / "finetune" / "model_configs" / "Qwen3-30B-A3B-Instruct-2507.json"
 # Qwen/Qwen3-0.6B's published config (the dense model of the family)
 DENSE_0_6B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,

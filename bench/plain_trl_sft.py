@@ -15,10 +15,10 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from data_tools.prompt import record_prompt_completion
-from data_tools.records import load_records
-from finetune import trl_cpu
 from bench.step_timer import StepTimer
+from core.prompt import record_prompt_completion
+from core.records import load_records
+from finetune import trl_cpu
 
 model_dir, train_file, out_dir = sys.argv[1:4]
 trl_cpu.install_if_needed()

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from callbacks.runinfo import library_versions
+from core.runinfo import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 STACK = ("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes")

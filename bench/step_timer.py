@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from bench.profile_ops import op_rows
+from core.distributed import is_rank_zero
 
 BENCH = Path(__file__).resolve().parent
 
@@ -63,7 +64,7 @@ class StepTimer(TrainerCallback):
         import torch
 
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        if int(os.environ.get("RANK", "0")) == 0 and os.environ.get("BENCH_TIMES"):
+        if is_rank_zero() and os.environ.get("BENCH_TIMES"):
             with open(os.environ["BENCH_TIMES"], "w") as f:
                 json.dump({"launched": float(os.environ.get("BENCH_T0", "nan")),
                            "train_begin": self.train_begin, "steps": self.steps,

@@ -96,8 +96,8 @@ def main() -> int:
 
     import torch
 
+    from core.records import load_records, write_rows
     from data_tools.axolotl_data import prepare_messages
-    from data_tools.records import load_records, write_rows
     from data_tools.stats import token_lengths
     from data_tools.tiny_data import ensure_tiny_data
     from finetune.model import resolve_model_path

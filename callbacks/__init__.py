@@ -1,5 +1,6 @@
-"""Evaluation and logging shared by our trainer and Axolotl.
+"""Trainer callbacks shared by our trainer and Axolotl (as plugins): generation-based evaluation,
+its error report, MLflow logging and the stall watchdog.
 
-Keep this package import-light: `callbacks.metrics` is pure stdlib and is
-imported by data tools and by Axolotl's environment.
+They build on `core` only (never on `finetune` or `data_tools`), since Axolotl's environment imports
+this package.
 """

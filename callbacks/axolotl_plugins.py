@@ -21,12 +21,12 @@ from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel
 
 from callbacks.generation_eval import GenerationEvalCallback
-from callbacks.metrics import DEFAULT_FIELDS
 from callbacks.mlflow_logger import MLflowLoggerCallback
-from callbacks.redact import redact
-from callbacks.runinfo import library_versions
-from data_tools.convert import load_any_records
-from data_tools.records import atomic_write_text, file_sha256
+from core.metrics import DEFAULT_FIELDS
+from core.records import atomic_write_text, file_sha256
+from core.redact import redact
+from core.runinfo import library_versions
+from core.formats import load_any_records
 
 
 class GenerationEvalArgs(BaseModel):

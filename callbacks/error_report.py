@@ -2,7 +2,7 @@
 
 Pure stdlib (the Axolotl plugin writes the same report): `gen_errors_step{N}.md` beside the metrics of
 the training callback and `errors.md` beside `parity.py evaluate`'s. The categories are defined in
-callbacks/metrics.py (`classify`) and in the README ("Error categories").
+core/metrics.py (`classify`) and in the README ("Error categories").
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from typing import Sequence
 
-from callbacks.metrics import ERROR_CATEGORIES, normalize_name
+from core.metrics import ERROR_CATEGORIES, normalize_name
 
 EXAMPLES_PER_CATEGORY = 3
 EXCERPT_CHARS = 40  # article text shown either side of the first name concerned

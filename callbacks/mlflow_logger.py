@@ -53,9 +53,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from callbacks.redact import redact, redact_text
 from callbacks.mlflow_spool import (DEFAULT_EXPERIMENT, SPOOL_NAME, Spool, Store, _brief, _client,
                                     _env_seconds, _jsonable, _now_ms, _warn, drain, with_retries)
+from core.distributed import is_rank_zero
+from core.redact import redact, redact_text
 
 _NOT_IN_METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. :/]")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value (8000 on recent servers)
@@ -83,10 +84,6 @@ def metric_name(name: str) -> str:
     """MLflow rejects metric and param names outside [alphanumerics _ - . space : /], e.g. Axolotl's
     "memory/max_active (GiB)" or the data source "(none)"; one bad name would fail the whole batch."""
     return _NOT_IN_METRIC_NAME.sub("_", name)
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ------------------------------------------------------------------ the logger
@@ -255,7 +252,7 @@ class MLflowLogger:
 
     def flush(self) -> None:
         """Try now (whatever the reconnect interval) to deliver everything that waits in the spool."""
-        if not _is_rank_zero():
+        if not is_rank_zero():
             return
         if self.offline:
             self._reconnect()
@@ -283,7 +280,7 @@ class MLflowLogger:
     # ----------------------------------------------------------- run lifecycle
     def start(self, extra_params: dict | None = None) -> str | None:
         """Create the run (and log params); usable before a trainer exists (parent runs)."""
-        if not _is_rank_zero() or self._started:
+        if not is_rank_zero() or self._started:
             return self.run_id
         self._started = True
         parent_run_id = self.parent_run_id
@@ -299,7 +296,7 @@ class MLflowLogger:
         return self.run_id
 
     def log_params(self, params: dict) -> None:
-        if not params or not _is_rank_zero():
+        if not params or not is_rank_zero():
             return
         flat = {metric_name(k): v for k, v in flatten_params(redact(params)).items()}
         self._submit(self._record("params", params=flat))
@@ -309,13 +306,13 @@ class MLflowLogger:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # the same value for the same step (e.g. the final eval, logged by the trainer and in the summary)
         numeric = {k: v for k, v in numeric.items() if self._last_metric.get(k) != (step, v)}
-        if not numeric or not _is_rank_zero():
+        if not numeric or not is_rank_zero():
             return
         self._last_metric.update({k: (step, v) for k, v in numeric.items()})
         self._submit(self._record("metrics", step=int(step), timestamp=_now_ms(), metrics=numeric))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if not path.is_file() or not _is_rank_zero():
+        if not path.is_file() or not is_rank_zero():
             return
         self._submit(self._record("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path))
 
@@ -327,7 +324,7 @@ class MLflowLogger:
                     self.log_artifact(path, "generation_eval")
 
     def end(self, status: str = "FINISHED", files: tuple[Path, ...] = ()) -> None:
-        if not _is_rank_zero() or not self._started:
+        if not is_rank_zero() or not self._started:
             return
         for path in files:
             self.log_artifact(path)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from callbacks.redact import REDACTED, redact_text
+from core.redact import REDACTED, redact_text
 
 SPOOL_NAME = "mlflow_spool.jsonl"
 LOCAL_ID_TAG = "qwen_finetune.local_id"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from core.distributed import rank
+
 
 class StallWatchdog(TrainerCallback):
     def __init__(self, first_step_timeout_s: float = 600.0, step_timeout_s: float = 300.0,
@@ -118,14 +120,13 @@ class StallWatchdog(TrainerCallback):
                     self._deadline = (time.monotonic() + armed[1], armed[1], armed[2])
 
     def _dump(self, timeout_s: float, what: str) -> None:
-        rank = int(os.environ.get("RANK", "0"))
-        header = (f"\n[watchdog rank {rank}] no {what} finished within {timeout_s:.0f}s; "
+        header = (f"\n[watchdog rank {rank()}] no {what} finished within {timeout_s:.0f}s; "
                   f"Python stacks of every thread follow (training keeps running)\n")
         self.dumps += 1
         targets = [sys.stderr]
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            targets.append(open(self.log_dir / f"watchdog-rank{rank}.log", "a", encoding="utf-8"))
+            targets.append(open(self.log_dir / f"watchdog-rank{rank()}.log", "a", encoding="utf-8"))
         for f in targets:
             f.write(header)
             f.flush()

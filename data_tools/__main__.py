@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.errors import UserError
 from data_tools import axolotl_data, convert, prepare, split, stats, synth, validate
-from data_tools.records import DataError
 
 COMMANDS = {
     "synth": synth,
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except DataError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from data_tools.convert import convert_rows
-from data_tools.records import DEFAULT_FIELDS, DataError, read_rows, write_rows
+from core.records import DEFAULT_FIELDS, DataError, read_rows, write_rows
+from core.formats import convert_rows
 from data_tools.tiny_data import ensure_tiny_data
 
 SUFFIX = ".messages.jsonl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from callbacks.metrics import DEFAULT_FIELDS
+from core.metrics import DEFAULT_FIELDS
 
 TRAIN_POSITIVES = "data/train/hawks_train.json"
 VAL_POSITIVES = "data/train/hawks_val.json"

@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 import time
 
+from core.records import DataError, is_positive, load_records, refuse_overwrite, write_rows
 from data_tools import cli_args
-from data_tools.records import DataError, is_positive, load_records, refuse_overwrite, write_rows
 
 
 def add_arguments(p) -> None:

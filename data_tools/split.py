@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 
-from callbacks.metrics import normalize_name
+from core.metrics import normalize_name
+from core.records import DataError, load_records, refuse_overwrite, write_rows
 from data_tools import cli_args
-from data_tools.records import DataError, load_records, refuse_overwrite, write_rows
 
 
 def article_key(record: dict) -> str:

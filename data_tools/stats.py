@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from core.records import gold_offenders, load_records
 from data_tools import cli_args
-from data_tools.records import gold_offenders, load_records
 from data_tools.split import article_key
 
 
@@ -22,19 +22,20 @@ def percentiles(values: list[int], qs=(50, 90, 95, 99, 100)) -> dict[str, int]:
 
 def token_lengths(records: list[dict], tokenizer) -> list[int]:
     """Tokens of each full chat; `tokenizer` is a tokenizer or its folder."""
-    from data_tools.prompt import record_messages
+    from core.prompt import record_messages
 
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    # Render every chat, then tokenise the texts in batches (what apply_chat_template(tokenize=True) does one
-    # by one; the batched fast tokenizer is ~10x quicker on a full-scale file), each distinct chat once
-    # (the negative-sampled mix repeats every positive: 174,663 chats, 122,221 distinct).
-    texts = [tokenizer.apply_chat_template(record_messages(r), tokenize=False) for r in records]
-    distinct = list(dict.fromkeys(texts))
-    length = dict(zip(distinct, map(len, tokenizer(distinct, add_special_tokens=False)["input_ids"])))
-    return [length[t] for t in texts]
+    # Each distinct record once (the negative-sampled mix repeats every positive: 174,663 records, 122,221
+    # distinct): render its chat, then tokenise the texts in batches (what apply_chat_template(tokenize=True)
+    # does one by one; the batched fast tokenizer is ~10x quicker on a full-scale file).
+    keys = [(r["instruction"], r["input"], r["output"]) for r in records]
+    distinct = {key: r for key, r in zip(keys, records)}
+    texts = [tokenizer.apply_chat_template(record_messages(r), tokenize=False) for r in distinct.values()]
+    length = dict(zip(distinct, map(len, tokenizer(texts, add_special_tokens=False)["input_ids"])))
+    return [length[key] for key in keys]
 
 
 def describe(records: list[dict]) -> dict:

@@ -16,9 +16,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+from core.prompt import answer_json, default_instruction
+from core.records import refuse_overwrite, write_rows
 from data_tools import cli_args
-from data_tools.prompt import answer_json, default_instruction
-from data_tools.records import refuse_overwrite, write_rows
 
 SURNAMES = (
     "佐藤 鈴木 高橋 田中 伊藤 渡辺 山本 中村 小林 加藤 吉田 山田 佐々木 山口 松本 井上 木村 林 清水 "
@@ -82,18 +82,10 @@ ROLES = ("元市長", "作家", "元県議", "画家", "元教授", "俳人", "�
 QUOTES = ("間違いない", "覚えていない", "お金に困っていた", "やっていない", "ストレスがたまっていた")
 
 HELD_OUT_NAME_PERCENT = 20
-SPLITS = ("train", "val", "pretrain")
 
 
 def _name_is_held_out(surname: str, given: str) -> bool:
     return zlib.crc32(f"{surname}{given}".encode()) % 100 < HELD_OUT_NAME_PERCENT
-
-
-def random_name(rng: random.Random, held_out: bool = False) -> str:
-    while True:
-        s, (g, _) = rng.choice(SURNAMES), rng.choice(GIVEN_NAMES)
-        if _name_is_held_out(s, g) == held_out:
-            return s + g
 
 
 @dataclass

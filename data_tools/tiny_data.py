@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.records import write_rows
 from data_tools import prepare, synth
-from data_tools.records import write_rows
 
 TINY_COUNTS = {"positives": 1500, "negatives": 1500, "val_positives": 100, "val_negatives": 100,
                "general": 1000}

@@ -9,7 +9,7 @@ missing or extra, a non-integer age. JSON Lines are checked line by line (a
 bad line does not hide the next ones); a JSON array can only be read up to
 its first syntax error, which is then the one error reported.
 Locations are `file:line` for JSONL/CSV and `file:[index]` for JSON arrays.
-The files are read by `data_tools.records.iter_rows`, the reader behind every
+The files are read by `core.records.iter_rows`, the reader behind every
 loader, so what passes here loads for training and the reverse.
 """
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from callbacks.metrics import normalize_name
+from core.metrics import normalize_name
+from core.records import Issue, check_record, iter_rows
 from data_tools import cli_args
-from data_tools.records import Issue, check_record, iter_rows
 
 
 @dataclass

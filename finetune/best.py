@@ -16,10 +16,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from callbacks.metrics import lower_is_better
-from data_tools.records import atomic_write_text
+from core.distributed import is_rank_zero
+from core.metrics import lower_is_better
+from core.records import atomic_write_text
 from finetune.selection import Constraint, choose, improves
-from finetune.stages import is_rank_zero
 
 SELECTION_FILE = "selection.json"  # inside adapter_best/: the step that folder holds
 
@@ -59,6 +59,11 @@ class BestAdapterCallback(TrainerCallback):
         A step kept after that checkpoint is dropped (its evaluation runs again); the history before it
         is kept only when it still agrees with the folder held, so `best` is always `choose(evaluations)`."""
         history, held = self.out / "best.json", self.best_dir / SELECTION_FILE
+        finished = self.out / "adapter" / SELECTION_FILE
+        if resume_step is not None and not held.is_file() and finished.is_file():
+            # killed after finish() moved the choice into adapter/ but before the stage was marked complete
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            os.replace(self.out / "adapter", self.best_dir)
         if resume_step is not None and history.is_file():
             saved = json.loads(history.read_text(encoding="utf-8"))
             if saved.get("metric") == self.metric and saved.get("constraints") == [str(c) for c in self.constraints]:
@@ -113,8 +118,7 @@ class BestAdapterCallback(TrainerCallback):
         self.trainer.save_model(str(last))
         self.trainer.processing_class.save_pretrained(str(last))
         adapter = self.out / "adapter"
-        if self.best is not None:
-            (self.best_dir / SELECTION_FILE).unlink()
+        if self.best is not None:  # its selection.json stays: which step adapter/ holds
             _replace_dir(self.best_dir, adapter)
         else:
             staged = self.out / "adapter.tmp"

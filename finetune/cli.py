@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_tools.records import DataError
+from core.errors import ConfigError, UserError
 from finetune import config as config_mod
-from finetune.config import ConfigError
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -77,7 +76,7 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
         from finetune.pipeline import run
 
         return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, world=args.nproc)
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:

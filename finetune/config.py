@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from core.distributed import world_size
+from core.errors import ConfigError
 
 MODES = ("single", "two-stage")
 BACKENDS = ("auto", "unsloth", "hf")
@@ -81,7 +83,7 @@ class FinetuneConfig:
     optim: str = "adamw_torch"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # two-stage specifics (the seeds give only the learning rates)
+    # two-stage specifics (the original two-stage run recorded only the learning rates)
     stage1_learning_rate: float = 2e-4
     stage2_learning_rate: float = 1e-4
     stage1_num_epochs: float = 1.0
@@ -156,7 +158,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "logging_steps": 10, "eval_steps": 100, "save_steps": 100, "save_total_limit": 2,
         "eval_batch_size": 16,
     },
-    # The user's production run (seeds 001): Qwen3-30B-A3B on 4 GPUs.
+    # The user's production run (the Axolotl plan's settings): Qwen3-30B-A3B on 4 GPUs.
     "qwen3-30b-a3b": {
         "model_name": "unsloth/Qwen3-30B-A3B-Instruct-2507", "output_dir": "outputs/qwen3-30b-a3b",
         "dtype": "bfloat16", "max_length": 1536, "micro_batch_size": 1,
@@ -168,10 +170,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # two-stage means 4-bit QLoRA (bf16 compute) unless the user says otherwise
 MODE_DEFAULTS = {"two-stage": {"load_in_4bit": True, "dtype": "bfloat16"}, "single": {"load_in_4bit": False}}
-
-
-class ConfigError(Exception):
-    """A user mistake in the configuration; printed without a traceback."""
 
 
 def field_names() -> list[str]:
@@ -264,10 +262,6 @@ def resolve(mode: str | None, preset: str | None, config_file: str | None,
     cfg = FinetuneConfig(**values)
     validate(cfg, dry_run=dry_run, world=world)
     return cfg
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def data_files(cfg: FinetuneConfig) -> dict[str, str]:
@@ -382,7 +376,7 @@ def check_deepspeed(cfg: FinetuneConfig, world: int) -> None:
 def deepspeed_problems(path: str, micro_batch_size: int, gradient_accumulation_steps: int,
                        world: int) -> list[str]:
     """A hand-written batch size must agree with the trainer's arithmetic (the
-    seeds' ZeRO error), and a fixed learning rate would override the schedule;
+    ZeRO error of the first Axolotl attempt), and a fixed learning rate would override the schedule;
     "auto" always agrees. Shared by our trainer and the Axolotl config check."""
     if not Path(path).is_file():
         return [f"deepspeed: file not found: {path}"]
@@ -413,7 +407,7 @@ def deepspeed_problems(path: str, micro_batch_size: int, gradient_accumulation_s
 def to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     """The configuration as it may be printed, saved or logged: secrets redacted
     (e.g. a password inside mlflow_tracking_uri)."""
-    from callbacks.redact import redact
+    from core.redact import redact
 
     return redact(dataclasses.asdict(cfg))
 

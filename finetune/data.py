@@ -1,6 +1,6 @@
 """Training data for the trainer: records -> TRL prompt/completion rows.
 
-Rows come from the one prompt builder (`data_tools.prompt`), so the loss
+Rows come from the one prompt builder (`core.prompt`), so the loss
 falls on the assistant answer only, `<|im_end|>` included (TRL's
 completion mask covers everything the template adds after the prompt).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from data_tools.prompt import record_prompt_completion
-from data_tools.records import load_records, seeded_subset
+from core.prompt import record_prompt_completion
+from core.records import load_records, seeded_subset
 from data_tools.stats import percentiles, token_lengths
 
 def load_split(path: str, limit: int, seed: int) -> list[dict]:

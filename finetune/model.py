@@ -7,10 +7,10 @@ imported only when its backend is chosen; `auto` prefers it when it imports.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig, world_size
+from core.distributed import local_rank, world_size
+from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig
 from finetune.lora import TargetPlan
 
 # config.json of models this repository knows, named after the model (the last part of its hub id):
@@ -77,7 +77,7 @@ def apply_chat_template_choice(tokenizer, cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{cfg.model_name} has no chat template of its own; set "
                               "chat_template=qwen3_2507")
         return
-    from data_tools.prompt import QWEN3_2507_CHAT_TEMPLATE
+    from core.prompt import QWEN3_2507_CHAT_TEMPLATE
 
     tokenizer.chat_template = QWEN3_2507_CHAT_TEMPLATE
 
@@ -131,7 +131,7 @@ def local_gpu() -> int:
     process only its own GPU makes that index 0)."""
     import torch
 
-    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return local_rank() % torch.cuda.device_count()
 
 
 def rank_device_map() -> dict | None:

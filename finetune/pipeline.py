@@ -14,8 +14,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from callbacks.runinfo import library_versions
-from data_tools.records import file_sha256, load_records, seeded_subset
+from core.distributed import is_rank_zero, world_size
+from core.metrics import HEADLINE
+from core.records import file_sha256, load_records, seeded_subset
+from core.runinfo import library_versions
 from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
@@ -26,13 +28,13 @@ from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.selection import describe as describe_best
 from finetune.selection import describe_plan, selects_best
-from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete, is_rank_zero,
+from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete,
                              latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
                              write_json)
 
-SUMMARY_METRICS = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
-                   "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate", "gen_truncation_rate",
-                   "general_loss_base", "general_loss_tuned", "general_loss_increase")
+SUMMARY_METRICS = (*HEADLINE, "general_loss_base", "general_loss_tuned", "general_loss_increase")
+
+
 class PhaseTimer:
     """Wall time of each start-up phase, printed as it ends (where did the minutes go?)."""
 
@@ -65,7 +67,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     if dry_run:
         from finetune.preflight import preflight
 
-        return preflight(cfg, world or config_mod.world_size())
+        return preflight(cfg, world or world_size())
 
     stages = stages_for(cfg)
     plan_stage_dirs(cfg, stages, resume, overwrite)
@@ -80,6 +82,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     say(describe_plan(cfg))
     with timer("data_check"):
         data = read_run_data(cfg, todo)
+        if selects_best(cfg):
+            check_best_metric_reported(cfg, data[cfg.eval_file])
     if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]:
         check_expert_dropout(cfg)
     if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
@@ -187,6 +191,19 @@ def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[di
     for path in {cfg.rehearsal_data, cfg.general_eval_file} - {""}:
         load_general(path)
     return data
+
+
+def check_best_metric_reported(cfg: FinetuneConfig, eval_file_records: list[dict]) -> None:
+    """A best_metric or constraint that no evaluation will report (a misspelt source, a shape the eval set
+    lacks) stops the run before the model loads: it would otherwise leave adapter/ at the last step."""
+    from callbacks.generation_eval import reported_metrics
+    from finetune.selection import unreported
+
+    records = seeded_subset(seeded_subset(eval_file_records, cfg.eval_max_samples, cfg.seed),
+                            cfg.gen_eval_max_samples, cfg.seed)  # the records the generation eval scores
+    problems = unreported(cfg, {"eval_loss"} | (reported_metrics(records) if cfg.gen_eval else set()))
+    if problems:
+        raise config_mod.ConfigError(f"best_metric / best_metric_constraint: {problems[0]} (on {cfg.eval_file})")
 
 
 def mlflow_logger(cfg, output_dir: Path, run_name: str, parent=None):
@@ -310,7 +327,7 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
         "data": data_identity, "mlflow_run_id": tracker.run_id if tracker else None,
-        "world_size": config_mod.world_size(), "watchdog_dumps": watchdog.dumps,
+        "world_size": world_size(), "watchdog_dumps": watchdog.dumps,
         "attn_implementation": attention_implementation(cfg),
         "libraries": libraries, "python": sys.version.split()[0],
     }
@@ -419,7 +436,7 @@ def init_distributed(cfg: FinetuneConfig) -> None:
     """The process group, created here (before the trainer) so rank 0 can write shared files while the
     others wait. accelerate then keeps it as it is, so the timeout and the device are given here: NCCL's
     own 10-minute default would end the run while rank 0 tokenises a large set alone."""
-    if config_mod.world_size() <= 1:
+    if world_size() <= 1:
         return
     import datetime
 
@@ -447,7 +464,7 @@ def _empty_cuda_cache() -> None:
 
 def _wait_for_rank_zero() -> None:
     """Other ranks wait while rank 0 writes shared files (tiny data, cleared folders)."""
-    if config_mod.world_size() > 1:
+    if world_size() > 1:
         import torch.distributed as dist
 
         dist.barrier()

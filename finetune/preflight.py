@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget
-from data_tools.records import seeded_subset
+from core.records import seeded_subset
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
 from finetune.data import length_report, load_split

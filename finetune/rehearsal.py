@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.records import DataError, read_rows
+from core.records import DataError, read_rows
 
 SOURCE = "rehearsal"
 
@@ -47,7 +47,7 @@ def load_general(path: str) -> GeneralData:
 
 
 def _load_rows(path: str) -> GeneralData:
-    from data_tools.convert import detect_format, to_record
+    from core.formats import detect_format, to_record
 
     rows = read_rows(path)
     kind = "text" if isinstance(rows[0].value, dict) and "text" in rows[0].value else "records"
@@ -159,7 +159,7 @@ def plan_general(rehearsal_data: str, ratio: float, general_eval_file: str, eval
 
 def answer_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
     """Instruction records tokenised with the chat template, the loss on the answer through <|im_end|>."""
-    from data_tools.prompt import record_messages
+    from core.prompt import record_messages
     from finetune.data import labels_ending_at
 
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -4,7 +4,7 @@ importing transformers; finetune/best.py keeps the chosen step's adapter).
 
 A step qualifies when it meets every constraint; among those the best value of
 the metric wins (higher is better, lower for the rates of a failure and
-eval_loss: callbacks.metrics.lower_is_better). A tie goes to the later step:
+eval_loss: core.metrics.lower_is_better). A tie goes to the later step:
 as good, and trained longer.
 """
 
@@ -16,7 +16,7 @@ import operator
 import re
 from dataclasses import dataclass
 
-from callbacks.metrics import METRIC_NAMES, is_known_metric, lower_is_better
+from core.metrics import METRIC_NAMES, is_known_metric, lower_is_better
 
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 _CONSTRAINT = re.compile(r"\s*([\w/.-]+?)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\Z")
@@ -80,6 +80,19 @@ def selects_best(cfg) -> bool:
     """Whether a run keeps its best evaluated step as adapter/: it has evaluations that report best_metric
     (the default, a generation metric, needs gen_eval). `cfg`: a FinetuneConfig."""
     return bool(cfg.best_metric and cfg.eval_file and (cfg.gen_eval or not cfg.best_metric.startswith("gen_")))
+
+
+def unreported(cfg, reported: set[str]) -> list[str]:
+    """One message per metric of best_metric / best_metric_constraint that no evaluation of this run
+    will report (`reported`: the names the evaluations give), e.g. a source or shape the eval set lacks."""
+    names = [cfg.best_metric, *(parse_constraint(c).metric for c in cfg.best_metric_constraint)]
+    out = []
+    for name in dict.fromkeys(names):
+        if name not in reported:
+            close = difflib.get_close_matches(name, sorted(reported), n=1, cutoff=0.6)
+            out.append(f"'{name}' is not among the metrics this run's evaluations report"
+                       + (f"; did you mean '{close[0]}'?" if close else ""))
+    return out
 
 
 def describe_plan(cfg) -> str:

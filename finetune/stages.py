@@ -15,7 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.records import atomic_write_text
+from core.distributed import is_rank_zero, world_size
+from core.records import atomic_write_text
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
 
@@ -50,10 +51,6 @@ def latest_checkpoint(path: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # Keys that change neither what a stage trains nor what it measures: a completed stage stays valid
 RUN_ONLY_KEYS = {"mlflow", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_run_name", "mlflow_require",
                  "report_to", "watchdog_first_step_s", "watchdog_step_s", "watchdog_pause_s", "ddp_timeout",
@@ -62,11 +59,12 @@ RUN_ONLY_KEYS = {"mlflow", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_r
 
 def config_changes(cfg: FinetuneConfig, stage: Stage, saved: dict) -> list[str]:
     """'key: saved -> now' for each setting of `stage` that differs from the config it was trained with;
-    the other stage's own keys (stage1_*/stage2_*) do not count."""
+    the other stage's own keys (stage1_*/stage2_*) do not count, nor keys added since the stage was
+    trained (their old behaviour is unknown to the saved config)."""
     now = config_mod.to_dict(cfg)  # redacted exactly as config.yaml was written
     others = tuple(f"{name}_" for name in ("stage1", "stage2") if name != stage.name)
     return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in now.items()
-            if key not in RUN_ONLY_KEYS and not key.startswith(others) and saved.get(key) != value]
+            if key not in RUN_ONLY_KEYS and not key.startswith(others) and key in saved and saved[key] != value]
 
 
 def check_complete_stage(cfg: FinetuneConfig, stage: Stage, path: Path) -> None:
@@ -142,7 +140,7 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, train_examples: int
         bf16=cfg.dtype == "bfloat16",
         fp16=cfg.dtype == "float16",
         use_cpu=not on_gpu,
-        ddp_backend="gloo" if not on_gpu and config_mod.world_size() > 1 else None,
+        ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,
         ddp_timeout=cfg.ddp_timeout,  # also given to the process group (pipeline.init_distributed)
         dataset_num_proc=tokenising_processes(cfg, train_examples),
         seed=cfg.seed,

@@ -13,13 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from callbacks.metrics import ERROR_CATEGORIES, lower_is_better
-from data_tools.records import DataError, atomic_write_text
+from core.metrics import ERROR_CATEGORIES, HEADLINE, lower_is_better
+from core.records import DataError, atomic_write_text
 
-DEFAULT_TOLERANCES = {
-    "gen_json_parse_rate": 0.02, "gen_offender_presence_f1": 0.02, "gen_offender_name_set_f1": 0.02,
-    "gen_all_fields_exact_match_rate": 0.02, "gen_negative_hallucination_rate": 0.02, "gen_truncation_rate": 0.02,
-}
+DEFAULT_TOLERANCES = {name: 0.02 for name in HEADLINE}
 ERRORS = "gen_error_rate/"  # the share of each error category: shown as counts in their own table
 
 
@@ -108,7 +105,7 @@ def table(rows: list[Row], ref_name: str, cand_name: str) -> str:
 
 
 def error_table(ref: dict, cand: dict, ref_name: str, cand_name: str) -> str:
-    """How many examples of each run fell in each error category (callbacks/metrics.py), side by side;
+    """How many examples of each run fell in each error category (core/metrics.py), side by side;
     '' when neither run has them (metrics from before the categories existed)."""
     if not any(k.startswith(ERRORS) for k in (*ref, *cand)):
         return ""

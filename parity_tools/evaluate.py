@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_tools.records import DataError, atomic_write_text, file_sha256, seeded_subset, write_rows
+from core.records import DataError, atomic_write_text, file_sha256, seeded_subset, write_rows
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -55,8 +55,8 @@ def load_model(base_model: str, adapter: str | None, dtype: str):
 
 def evaluate(base_model: str, adapter: str | None, data: str, out: Path, *, max_samples: int = 0,
              seed: int = 0, batch_size: int = 32, dtype: str = "float32") -> dict:
-    from callbacks.metrics import DEFAULT_FIELDS
-    from data_tools.convert import load_any_records
+    from core.metrics import DEFAULT_FIELDS
+    from core.formats import load_any_records
 
     records = seeded_subset(load_any_records(data, DEFAULT_FIELDS), max_samples, seed)
     if not records:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from data_tools.records import DataError
+from core.records import DataError
 from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, PRESETS, TINY_MODELS
 from parity_tools import compare as cmp
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
@@ -100,7 +100,7 @@ def aux_loss_settings(ours_summary: Path, axolotl_config: Path) -> dict:
 
 def tiny_warmup_steps(max_steps: int) -> int:
     """Our trainer's warm-up steps on the tiny preset: transformers rounds warmup_ratio x steps up."""
-    from data_tools.records import load_records
+    from core.records import load_records
 
     tiny = PRESETS["tiny"]
     steps = max_steps if max_steps > 0 else math.ceil(

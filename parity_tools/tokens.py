@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.records import DataError
+from core.records import DataError
 from finetune.config import TINY_MODELS
 from parity_tools.axolotl_env import axolotl_env, axolotl_python
 

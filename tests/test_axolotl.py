@@ -1,4 +1,4 @@
-"""The Axolotl path: the config check against the seeds' plan, and a real Axolotl
+"""The Axolotl path: the config check against the user's Axolotl plan, and a real Axolotl
 run (its own environment, CPU) with both shared plugins."""
 
 import json
@@ -21,8 +21,8 @@ def problem_lines(result, level="error"):
 
 
 def test_check_reports_every_problem_of_the_seed_plan(tmp_path, axolotl_ready):
-    # The seeds' ZeRO file: a fixed lr, and the train_batch_size 64 that raised
-    # "train_batch_size=64 vs HF calculated=16" on one GPU (seeds 000).
+    # The first Axolotl attempt's ZeRO file: a fixed lr, and the train_batch_size 64 that raised
+    # "train_batch_size=64 vs HF calculated=16" on one GPU.
     shutil.copy(SEED_PLAN, tmp_path / "plan.yml")
     shutil.copy(REPO / "tests" / "fixtures" / "seed_zero2.json", tmp_path)
     elsewhere = tmp_path / "elsewhere"  # checked from another folder: the ZeRO file beside the config is found

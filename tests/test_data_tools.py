@@ -5,11 +5,11 @@ from collections import Counter
 
 import pytest
 
-from callbacks.metrics import normalize_name
+from core.metrics import normalize_name
+from core.records import Row, gold_offenders, load_records
 from data_tools import synth
-from data_tools.convert import convert_rows
+from core.formats import convert_rows
 from data_tools.prepare import merge, validation_mix
-from data_tools.records import Row, gold_offenders, load_records
 from data_tools.split import article_key, split_records
 
 

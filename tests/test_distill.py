@@ -8,7 +8,7 @@ import torch
 
 from test_trainer import SMALL, ok, summary, train
 
-from data_tools.records import DataError
+from core.records import DataError
 
 
 def peft_model_with_trained_looking_adapter(kind: str):
@@ -30,7 +30,7 @@ def peft_model_with_trained_looking_adapter(kind: str):
 
 
 def batch_of(tokenizer, records):
-    from data_tools.prompt import record_messages
+    from core.prompt import record_messages
 
     rows = [tokenizer.apply_chat_template(record_messages(r), tokenize=True, return_dict=False) for r in records]
     width = max(map(len, rows))

@@ -4,7 +4,7 @@ import json
 
 from callbacks.error_report import excerpt, render
 from callbacks.generation_eval import prediction_rows, score
-from callbacks.metrics import DEFAULT_FIELDS
+from core.metrics import DEFAULT_FIELDS
 from parity_tools import compare as cmp
 
 ARTICLE = ("警視庁新宿署は3日、窃盗の疑いで、東京都新宿区、会社員山田 太郎容疑者（34）を逮捕した。"

@@ -9,7 +9,7 @@ import yaml
 from test_distill import peft_model_with_trained_looking_adapter
 from test_trainer import ok, train
 
-from data_tools.prompt import record_messages
+from core.prompt import record_messages
 from data_tools.synth import generate
 
 

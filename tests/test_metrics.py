@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from callbacks.metrics import (ERROR_CATEGORIES, classify, compute_metrics, flatten, is_grounded, normalize_age,
+from core.metrics import (ERROR_CATEGORIES, classify, compute_metrics, flatten, is_grounded, normalize_age,
                               normalize_name, parse_prediction)
 
 YAMADA = {"name": "山田太郎", "age": 34, "occupation": "会社員", "address": "東京都新宿区", "charge": "窃盗"}

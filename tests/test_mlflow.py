@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import MLFLOW, REPO, free_port, run_cli
 
-from callbacks.redact import REDACTED, is_secret_name, redact, redact_text
+from core.redact import REDACTED, is_secret_name, redact, redact_text
 from test_trainer import SMALL, ok, summary, train
 
 SECRET_TOKEN = "hf_" + "Zq8" * 12
@@ -454,7 +454,7 @@ def test_two_stage_default_store_is_one_sqlite_file_in_output_dir_with_nested_st
     assert REDACTED not in json.dumps([r.data.params for r in runs])  # nothing secret in a plain run
 
 
-# ------------------------------------------------------------------ redaction (callbacks/redact.py)
+# ------------------------------------------------------------------ redaction (core/redact.py)
 @pytest.mark.parametrize("name", [
     "encryption_key", "db_key", "API_KEY", "api_key", "apiKey", "apikey", "x-api-key", "WANDB_API_KEY",
     "aws_secret_access_key", "key", "hf_token", "HF_TOKEN", "hub_token", "access_token", "hfToken", "token",

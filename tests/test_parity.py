@@ -10,9 +10,9 @@ import pytest
 
 from callbacks.generation_eval import score
 from conftest import REPO, run_cli
+from core.records import DataError
 from data_tools import synth
 from parity_tools import compare as cmp
-from data_tools.records import DataError
 from tiny import model_dir
 
 LEGACY_REFERENCE = REPO / "tests" / "reference" / "legacy_tiny_moe_losses.json"

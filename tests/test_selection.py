@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from callbacks.metrics import lower_is_better
+from core.metrics import lower_is_better
 from finetune.config import ConfigError, resolve
 from finetune.selection import Constraint, choose, describe, improves, parse_constraint
 
@@ -151,8 +151,16 @@ def test_each_evaluation_is_judged_once_with_metrics_from_separate_logs(tmp_path
     summary = cb.finish(9)
     assert int((tmp_path / "adapter" / "weights_of_step").read_text()) == 6
     assert int((tmp_path / "adapter_last" / "weights_of_step").read_text()) == 9
-    assert not (tmp_path / "adapter" / "selection.json").exists() and not (tmp_path / "adapter_best").exists()
+    assert json.loads((tmp_path / "adapter" / "selection.json").read_text())["step"] == 6  # says which step
+    assert not (tmp_path / "adapter_best").exists()
     assert summary["step"] == summary["adapter_step"] == 6 and summary["last_value"] is None
+
+    # killed after that, before the stage was marked complete: --resume from the last checkpoint keeps step 6
+    again = callback(tmp_path, resume_step=9)
+    assert again.best == cb.best and held_step(tmp_path) == 6 and not (tmp_path / "adapter").exists()
+    again.trainer.step = 9
+    assert again.finish(9)["adapter_step"] == 6
+    assert (tmp_path / "adapter" / "weights_of_step").read_text() == "6"
 
 
 def test_when_nothing_qualifies_adapter_is_the_last_step(tmp_path):
@@ -188,3 +196,31 @@ def test_resume_keeps_what_was_chosen_up_to_its_checkpoint(tmp_path):
     assert held_step(tmp_path) == 2
     fresh = callback(tmp_path)
     assert fresh.best is None and not (tmp_path / "adapter_best").exists()
+
+
+def test_a_metric_the_eval_set_cannot_report_stops_the_run_before_the_model_loads(tmp_path, monkeypatch):
+    """A `/part` suffix is checked against what the evaluations will report on this eval set: a misspelt
+    source, or a shape the set lacks, would otherwise leave adapter/ at the last step without a word."""
+    from callbacks.generation_eval import reported_metrics
+    from data_tools.synth import generate
+    from finetune.pipeline import check_best_metric_reported
+
+    records = [{**r, "source": kind} for kind in ("positive", "negative") for r in generate(0, "val", kind, 6)]
+    reported = reported_metrics(records)
+    shape = records[0]["shape"]
+    assert {"gen_offender_name_set_f1/positive", f"gen_json_parse_rate/shape/{shape}",
+            "gen_error_rate/missed_offender", "gen_negative_hallucination_rate"} <= reported
+    monkeypatch.chdir(tmp_path)
+    good = resolve("single", "tiny", None, {"best_metric": "gen_offender_name_set_f1/positive",
+                                            "best_metric_constraint": f"gen_json_parse_rate/shape/{shape}>=0.5"}, {})
+    check_best_metric_reported(good, records)
+    typo = resolve("single", "tiny", None, {"best_metric": "gen_offender_name_set_f1/positve"}, {})
+    with pytest.raises(ConfigError, match="'gen_offender_name_set_f1/positve' is not among the metrics this run's "
+                                          "evaluations report; did you mean 'gen_offender_name_set_f1/positive'"):
+        check_best_metric_reported(typo, records)
+    only_positives = resolve("single", "tiny", None, {"best_metric_constraint":
+                                                      "gen_negative_hallucination_rate<=0.02"}, {})
+    with pytest.raises(ConfigError, match="gen_negative_hallucination_rate"):  # no negative to hallucinate on
+        check_best_metric_reported(only_positives, records[:6])
+    no_gen = resolve("single", "tiny", None, {"gen_eval": "false", "best_metric": "eval_loss"}, {})
+    check_best_metric_reported(no_gen, records)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core.prompt import record_messages
 from data_tools import synth
-from data_tools.prompt import record_messages
 from data_tools.synth import generate
 from tiny import BUILD_RECORD, HOME, model_dir
 from tiny.build import SHIPPED_FILES, Article, TinySpec, file_hashes, people_facts, recipe_hash
@@ -106,7 +106,7 @@ def test_stats_token_lengths_use_the_chat_template(cli, tmp_path):
 
 
 def test_a_missing_tiny_model_is_one_clear_error(tmp_path):
-    from data_tools.records import DataError
+    from core.records import DataError
 
     with pytest.raises(DataError, match="moe has no config.json: the shipped tiny model is missing.*tiny.build"):
         model_dir("tiny-moe", home=tmp_path)

@@ -384,7 +384,7 @@ def test_loss_falls_on_the_answer_and_its_end_of_turn(tmp_path, monkeypatch):
     newline after it is not trained (Axolotl does not train it either)."""
     from transformers import AutoModelForCausalLM
 
-    from data_tools.prompt import record_messages
+    from core.prompt import record_messages
     from data_tools.synth import generate
     from finetune.config import resolve
     from finetune.model import load_tokenizer, resolve_model_path
@@ -405,10 +405,10 @@ def test_loss_falls_on_the_answer_and_its_end_of_turn(tmp_path, monkeypatch):
 
 def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
     """group_by_length=true: transformers' length-grouped sampler in the trainer's own dataloader."""
+    from data_tools.synth import generate
     from finetune.config import resolve
     from finetune.model import load_base
     from finetune.stages import sft_trainer, stages_for
-    from data_tools.synth import generate
 
     monkeypatch.chdir(tmp_path)
     records = generate(0, "train", "positive", 48) + generate(0, "train", "negative", 48)

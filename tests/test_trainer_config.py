@@ -31,7 +31,7 @@ def test_layers_apply_in_order(tmp_path):
     assert frozen.mode == "two-stage" and frozen.lora_r == 16
 
 
-def test_production_preset_matches_the_seeds(tmp_path, monkeypatch):
+def test_production_preset_matches_the_axolotl_plan(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the preset's data files must exist to validate
     for name in ("hawks_train.json", "hawks_train_curriculum.json", "hawks_val_mixed.json"):
         (tmp_path / "data" / "train").mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def test_deepspeed_batch_sizes_must_agree_with_the_trainer(tmp_path, monkeypatch
     ok = _deepspeed(tmp_path, train_batch_size=64, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=16)
     cfg = resolve_with("micro_batch_size=1", "gradient_accumulation_steps=16", flags={"deepspeed": ok})
     assert cfg.deepspeed == ok
-    # the seeds' error: 64 by hand vs 1 x 4 x 4 = 16 from the trainer
+    # the first Axolotl attempt's error: 64 by hand vs 1 x 4 x 4 = 16 from the trainer
     bad = _deepspeed(tmp_path, train_batch_size=64)
     with pytest.raises(ConfigError) as e:
         resolve_with("micro_batch_size=1", "gradient_accumulation_steps=4", flags={"deepspeed": bad})

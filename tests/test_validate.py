@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from data_tools.records import DataError, load_records
+from core.records import DataError, load_records
 
 GOOD = {"instruction": "抽出せよ", "input": "警視庁は、窃盗の疑いで会社員山田太郎容疑者（34）を逮捕した。",
         "output": json.dumps({"offenders": [{"name": "山田太郎", "age": 34, "occupation": "会社員",
@@ -97,7 +97,7 @@ def test_missing_file(cli, tmp_path):
     assert r.returncode == 1 and "file not found" in r.stderr and "Traceback" not in r.stderr
 
 
-# --- one reader (data_tools.records.iter_rows) behind validate and every loader ---
+# --- one reader (core.records.iter_rows) behind validate and every loader ---
 
 def loader_error(path) -> str:
     with pytest.raises(DataError) as e:

@@ -109,7 +109,7 @@ class RecordStageRelease(TrainerCallback):
 
 class ArticleCutFromPrompt(TrainerCallback):
     def __init__(self):
-        from data_tools import prompt
+        from core import prompt
 
         # The trainer builds its rows and the evaluator its prompts through this module's function.
         prompt.prompt_messages = lambda instruction, article: [

@@ -20,7 +20,7 @@ BUILD_RECORD = HOME / "build.json"
 def model_dir(name: str, home: Path = HOME) -> Path:
     """The folder of a shipped tiny model ('tiny-dense' or 'tiny-moe'); a missing build is the user's
     error (one line, exit 1), not a traceback."""
-    from data_tools.records import DataError
+    from core.records import DataError
 
     path = home / TINY_MODELS[name].name
     if not (path / "config.json").is_file():

@@ -51,8 +51,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.prompt import QWEN3_2507_CHAT_TEMPLATE, default_instruction, prompt_messages
 from data_tools import synth
-from data_tools.prompt import QWEN3_2507_CHAT_TEMPLATE, default_instruction, prompt_messages
 from tiny import BUILD_RECORD, HOME
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -92,7 +92,7 @@ def recipe_hash(spec: TinySpec) -> str:
     """Everything a build depends on besides the library versions: the spec and the source files."""
     root = HOME.parent
     h = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
-    for rel in ("tiny/build.py", "data_tools/synth.py", "data_tools/prompt.py"):
+    for rel in ("tiny/build.py", "data_tools/synth.py", "core/prompt.py"):
         h.update((root / rel).read_bytes())
     return h.hexdigest()
 

@@ -307,6 +307,10 @@ def grounding_metrics(gold, predictions, articles, non_offenders=None, truncated
     return out
 
 
+# The user's metrics, in the order every summary, report and comparison prints them.
+HEADLINE: tuple[str, ...] = ("gen_json_parse_rate", "gen_offender_presence_f1", "gen_offender_name_set_f1",
+                             "gen_all_fields_exact_match_rate", "gen_negative_hallucination_rate",
+                             "gen_truncation_rate")
 # Every metric a run reports, by the name before any "/part" suffix (per source, shape, field, category);
 # eval_loss is the trainer's own. Used to check a metric named in a setting before a run starts.
 METRIC_NAMES: tuple[str, ...] = (

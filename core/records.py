@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from callbacks.metrics import DEFAULT_FIELDS, NonFiniteJSONError, loads_strict, normalize_name, reject_constant
+from core.errors import DataError
+from core.metrics import DEFAULT_FIELDS, NonFiniteJSONError, loads_strict, normalize_name, reject_constant
 
 REQUIRED_KEYS = ("instruction", "input", "output")
 # Kept through every conversion: the evaluator breaks metrics down by source and shape, and scores
@@ -37,10 +38,6 @@ _BOM = b"\xef\xbb\xbf"
 BOM_WARNING = "UTF-8 byte-order mark (BOM) at the start; read without it"
 CRLF_WARNING = "Windows line endings (CRLF); read as plain newlines"
 _NON_FINITE_HINT = "JSON has no NaN/Infinity, write null or a number"
-
-
-class DataError(Exception):
-    """A problem with the user's input: printed as a message, never a traceback."""
 
 
 @dataclass(frozen=True)

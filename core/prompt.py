@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from callbacks.metrics import DEFAULT_FIELDS
+from core.metrics import DEFAULT_FIELDS
 
 # Qwen3-2507-Instruct style (no thinking block, one turn per message): the tiny models' own template,
 # and `chat_template=qwen3_2507` for a model without one.
