@@ -43,8 +43,11 @@ class TargetPlan:
     router: bool = False
     expert_rank: int = 0
 
-    def peft_kwargs(self, cfg) -> dict:
-        kwargs = {"target_modules": self.modules or None, "target_parameters": self.parameters or None}
+    def lora_kwargs(self, cfg) -> dict:
+        """The LoRA settings of this plan, as PEFT's LoraConfig and Unsloth's get_peft_model take them: the
+        one definition the trainer and the dry run both use."""
+        kwargs = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
+                  "target_modules": self.modules or None, "target_parameters": self.parameters or None}
         if self.parameters and self.expert_rank != cfg.lora_r:
             kwargs["rank_pattern"] = {re.escape(p): self.expert_rank for p in self.parameters}
         if self.router:

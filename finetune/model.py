@@ -156,8 +156,7 @@ def quantize_experts_if_4bit(model, cfg: FinetuneConfig) -> None:
 
 
 def add_lora(model, cfg: FinetuneConfig, backend: str, plan: TargetPlan):
-    lora_kwargs = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                       bias="none", **plan.peft_kwargs(cfg))
+    lora_kwargs = plan.lora_kwargs(cfg)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 

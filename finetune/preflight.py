@@ -205,8 +205,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     shipped_config = str(shipped_config.relative_to(REPO)) if shipped_config else None
     base_counts = count_parameters(model)
     plan = plan_targets(model, cfg)
-    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, **plan.peft_kwargs(cfg))
+    lora = LoraConfig(task_type="CAUSAL_LM", **plan.lora_kwargs(cfg))
     peft_model = get_peft_model(model, lora, low_cpu_mem_usage=True)
     counts = count_parameters(peft_model)
     tokenizer = load_tokenizer_if_available(cfg)
