@@ -57,7 +57,7 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     import yaml
 
     from parity_tools.axolotl_env import axolotl_env, axolotl_python
-    from parity_tools.run import AXOLOTL_TINY, axolotl_model_changes, tiny_axolotl_training_config
+    from parity_tools.axolotl_tiny import AXOLOTL_TINY, axolotl_model_changes, tiny_axolotl_training_config
 
     dataset = yaml.safe_load(AXOLOTL_TINY.read_text(encoding="utf-8"))["datasets"][0]
     config = tiny_axolotl_training_config(
