@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -411,6 +412,18 @@ def atomic_write_text(path: str | os.PathLike, chunks: Iterable[str]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def replace_dir(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """The folder `source` (written aside, complete) becomes `target`; an old `target` is moved aside first
+    and removed last, so a crash leaves one whole folder, never a half-copied one."""
+    source, target = Path(source), Path(target)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_array_chunks(values: Sequence[Any]) -> Iterator[str]:

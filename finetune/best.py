@@ -18,20 +18,10 @@ from transformers import TrainerCallback
 
 from core.distributed import is_rank_zero
 from core.metrics import lower_is_better
-from core.records import atomic_write_text
+from core.records import atomic_write_text, replace_dir
 from finetune.selection import Constraint, choose, improves
 
 SELECTION_FILE = "selection.json"  # inside adapter_best/: the step that folder holds
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """`target` becomes `source`; an old `target` is moved aside first and removed last."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class BestAdapterCallback(TrainerCallback):
@@ -101,7 +91,7 @@ class BestAdapterCallback(TrainerCallback):
         self.trainer.save_model(str(staged))
         self.trainer.processing_class.save_pretrained(str(staged))
         atomic_write_text(staged / SELECTION_FILE, [json.dumps(row, ensure_ascii=False)])
-        _replace_dir(staged, self.best_dir)
+        replace_dir(staged, self.best_dir)
         self.best = row
 
     def _write_history(self) -> None:
@@ -119,12 +109,12 @@ class BestAdapterCallback(TrainerCallback):
         self.trainer.processing_class.save_pretrained(str(last))
         adapter = self.out / "adapter"
         if self.best is not None:  # its selection.json stays: which step adapter/ holds
-            _replace_dir(self.best_dir, adapter)
+            replace_dir(self.best_dir, adapter)
         else:
             staged = self.out / "adapter.tmp"
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(last, staged)
-            _replace_dir(staged, adapter)
+            replace_dir(staged, adapter)
         self._write_history()
         return self.summary(last_step)
 

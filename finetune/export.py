@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.records import replace_dir
 from finetune.config import ConfigError
 
 
@@ -125,9 +126,7 @@ def export(adapter: Path, out: Path, merge: bool, base: str | None, overwrite: b
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             what, notes = "adapter (not merged; pass --merge for a standalone model)", []
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

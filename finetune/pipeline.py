@@ -28,7 +28,7 @@ from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.selection import describe as describe_best
 from finetune.selection import describe_plan, selects_best
-from finetune.stages import (MARKER, Stage, aux_losses, distill_losses, is_complete,
+from finetune.stages import (MARKER, Stage, aux_losses, checkpoint_step, distill_losses, is_complete,
                              latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
                              write_json)
 
@@ -136,7 +136,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
             continue
         if previous is not None:  # an earlier stage finished in another process, or chose an earlier step
             load_adapter_weights(model, previous / "adapter")
-            say(f"{stage.name}: continuing the adapter of {previous / 'adapter'}{adapter_step(previous)}")
+            say(f"{stage.name}: continuing the adapter of {previous / 'adapter'} (step {adapter_step(summaries[-1])})")
         summaries.append(train_stage(cfg, stage, data, model, tokenizer, backend, plan, params, model_info, timer,
                                      resume, parent))
         gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
@@ -269,7 +269,7 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         from finetune.selection import parse_constraint
 
         best = BestAdapterCallback(cfg.best_metric, [parse_constraint(c) for c in cfg.best_metric_constraint], out,
-                                   resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
+                                   resume_step=checkpoint_step(checkpoint) if checkpoint else None)
         trainer_callbacks.append(best)
     libraries = library_versions()
     tracker = None
@@ -344,8 +344,10 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         write_json(out / "run_summary.json", summary)
         if tracker is not None:
             chosen = summary.get("best") or {}
-            tracker.log_metrics({**metrics, **({"best_step": chosen["step"], f"best_{chosen['metric']}": chosen["value"]}
-                                               if chosen.get("step") is not None else {})}, trainer.state.global_step)
+            logged = dict(metrics)
+            if chosen.get("step") is not None:
+                logged.update({"best_step": chosen["step"], f"best_{chosen['metric']}": chosen["value"]})
+            tracker.log_metrics(logged, trainer.state.global_step)
             tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
             summary["mlflow_run_id"] = tracker.run_id  # created late when the server was down at the start
             if tracker.spool_counts():  # the server was unreachable for a while (or refused records)
@@ -399,15 +401,12 @@ def print_summary(cfg: FinetuneConfig, summaries: list[dict], mlflow_parent: dic
     if mlflow_parent:
         say("  parent: " + describe_spool(mlflow_parent, cfg))
     if summaries:
-        last = summaries[-1]
-        step = (last.get("best") or {}).get("adapter_step", last["global_step"])
-        say(f"adapter: {Path(cfg.output_dir) / last['stage'] / 'adapter'} (step {step})")
+        say(f"adapter: {Path(cfg.output_dir) / summaries[-1]['stage'] / 'adapter'} (step {adapter_step(summaries[-1])})")
 
 
-def adapter_step(stage_out: Path) -> str:
-    best = json.loads((stage_out / "run_summary.json").read_text()).get("best") if (
-        stage_out / "run_summary.json").is_file() else None
-    return f" (step {best['adapter_step']}, chosen by {best['metric']})" if best else ""
+def adapter_step(summary: dict) -> int:
+    """The step a stage's adapter/ holds: the chosen one, else the last."""
+    return (summary.get("best") or {}).get("adapter_step", summary["global_step"])
 
 
 def describe_spool(counts: dict, cfg: FinetuneConfig) -> str:

@@ -48,7 +48,12 @@ def is_complete(path: Path) -> bool:
 
 def latest_checkpoint(path: Path) -> Path | None:
     ckpts = [p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(ckpts, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step a `checkpoint-N` folder was saved at."""
+    return int(checkpoint.name.split("-")[-1])
 
 
 # Keys that change neither what a stage trains nor what it measures: a completed stage stays valid
