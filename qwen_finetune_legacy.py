@@ -38,6 +38,7 @@ FROZEN = {
     "warmup_ratio": 0.03,
     "micro_batch_size": 1,
     "gradient_accumulation_steps": 16,
+    "packing": False,  # one example per row, as the old run trained
     "optim": "adamw_torch",
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,

@@ -24,11 +24,22 @@ REPO = Path(__file__).resolve().parent.parent
 from bench.results import append_section
 
 
+def synth_inputs(folder: Path) -> None:
+    """The user's full-scale inputs, synthetic: 26,221 positives, 100,000 negatives, 1,000 validation."""
+    subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out-dir", str(folder)], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def prepare_command(data: Path, out: Path) -> list[str]:
+    """`data_tools prepare` over synth_inputs' files: the negative-sampled mix, out/hawks_train_curriculum.json."""
+    return [sys.executable, "-m", "data_tools", "prepare", "--force",
+            "--positives", str(data / "hawks_train.json"), "--val", str(data / "hawks_val.json"),
+            "--negatives", str(data / "person_dummy_2025-12-23-1817.json"),
+            "--out", str(out / "hawks_train_curriculum.json"), "--val-out", str(out / "hawks_val_mixed.json")]
+
+
 def run_once(data: Path, out: Path) -> tuple[float, float]:
-    cmd = [sys.executable, "-m", "data_tools", "prepare", "--force",
-           "--positives", str(data / "hawks_train.json"), "--val", str(data / "hawks_val.json"),
-           "--negatives", str(data / "person_dummy_2025-12-23-1817.json"),
-           "--out", str(out / "hawks_train_curriculum.json"), "--val-out", str(out / "hawks_val_mixed.json")]
+    cmd = prepare_command(data, out)
     # A fresh wrapper process per run, so RUSAGE_CHILDREN's maximum is this run's own.
     probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
              "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
@@ -46,8 +57,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out-dir", str(tmp)], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+        synth_inputs(tmp)
         synth_s = time.perf_counter() - t
         sizes = {p.name: p.stat().st_size / 1024**2 for p in tmp.glob("*.json")}
         runs = [run_once(tmp, tmp) for _ in range(args.runs)]

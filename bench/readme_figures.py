@@ -25,6 +25,7 @@ from bench.results import RESULTS, Section, newest_section
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 NUM = r"([\d.]+)"
+COUNT = r"([\d,]+)"  # a count with thousands separators, as the tables print it
 SIGNED = r"([+-][\d.]+)"
 
 
@@ -78,6 +79,24 @@ def throughput(stack: str, column: str = "trained tokens/s, median (min-max)") -
     """A cell of the newest throughput table: the median tokens/s, or the ratio to plain TRL as the table
     prints it (ratios to Axolotl, which the table lacks, are taken from the medians)."""
     return number(results("training throughput").tables[0].cell(stack, column))
+
+
+def packed_forwards() -> tuple[str, ...]:
+    """The production preset's micro-batch, packed against one example per row (bench/padding.py)."""
+    table = results("padding: forward passes, packed vs not").tables[0]
+    one, packed = (table.rows[0], table.rows[1])
+    assert one[0].endswith("one example per row") and packed[0].endswith("packed"), (one[0], packed[0])
+    forwards = table.header.index("forward passes")
+    fill = number(packed[table.header.index("token budget filled")])
+    return (packed[forwards], one[forwards], f"{number(one[forwards]) / number(packed[forwards]):.2f}",
+            f"{fill * 100:.1f}")
+
+
+def experts_ratio() -> tuple[str, ...]:
+    """eager's tokens/s over grouped_mm's, from the medians of the newest bench/experts.py table."""
+    table = results("experts implementations").tables[0]
+    rate = {name: number(table.cell(name, "tokens/s, median (min-max)")) for name in ("eager", "grouped_mm")}
+    return (f"{rate['eager'] / rate['grouped_mm']:.2f}",)
 
 
 def tiny_build_minutes() -> tuple[str, ...]:
@@ -148,6 +167,17 @@ FIGURES = [
            rf"{NUM}x plain TRL and {NUM}x Axolotl with length-grouped batches", "training throughput",
            lambda: (f"{throughput('ours-grouped', 'vs plain-trl'):.2f}",
                     f"{throughput('ours-grouped') / throughput('axolotl'):.2f}")),
+    Figure("padding: packed forward passes at the production micro-batch",
+           rf"{COUNT} forward passes per epoch instead of {COUNT} \({NUM}x fewer\), {NUM}% of the token budget "
+           rf"filled",
+           "padding: forward passes, packed vs not", packed_forwards),
+    Figure("training throughput: packed",
+           rf"ours packed trains at {NUM}x plain TRL and {NUM}x Axolotl", "training throughput",
+           lambda: (f"{throughput('ours-packed', 'vs plain-trl'):.2f}",
+                    f"{throughput('ours-packed') / throughput('axolotl'):.2f}")),
+    Figure("experts implementations on CPU",
+           rf"`eager` trains the tiny MoE at {NUM}x `grouped_mm`", "experts implementations",
+           experts_ratio),
     Figure("tiny build time", rf"rebuild tiny/ in place \(about {NUM} minutes on 2 cores\)", "tiny/build.json",
            tiny_build_minutes),
     Figure("4-bit experts of the tiny MoE",

@@ -8,6 +8,8 @@ machine load hits them alike:
   ours-hf       qwen_finetune.py --mode single --backend hf
   ours-grouped  ours-unsloth with group_by_length=true (length-grouped batches,
                 less padding; off by default so parity runs draw Axolotl's batches)
+  ours-packed   ours-unsloth with packing=true (several examples per padding-free
+                row of up to max_length: fewer, fuller forward passes)
   plain-trl     bench/plain_trl_sft.py (the ~40-line TRL script a user would write)
   axolotl       Axolotl 0.19 in its own environment (axolotl_configs/tiny_cpu.yml)
 All train one epoch over the same first N examples of the tiny mix (LoRA r16
@@ -52,6 +54,8 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
         return ours + ["--backend", "hf"], {}
     if name == "ours-grouped":
         return ours + ["--backend", "unsloth", "group_by_length=true"], {}
+    if name == "ours-packed":
+        return ours + ["--backend", "unsloth", "packing=true"], {}
     if name == "plain-trl":
         return [py, "-m", "bench.plain_trl_sft", model_dir, data, str(out)], {}
     import yaml
@@ -89,7 +93,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "ours-grouped", "plain-trl", "axolotl"])
+    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "ours-grouped", "ours-packed", "plain-trl",
+                                                       "axolotl"])
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown per stack")
     p.add_argument("--keep", action="store_true", help="keep the work folder (runs, per-op profile JSON)")
     args = p.parse_args()

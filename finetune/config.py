@@ -20,6 +20,7 @@ from core.errors import ConfigError
 MODES = ("single", "two-stage")
 BACKENDS = ("auto", "unsloth", "hf")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+EXPERTS = ("auto", "eager", "batched_mm", "grouped_mm")
 DTYPES = ("bfloat16", "float16", "float32")
 # The model's own template is what Axolotl's `chat_template: tokenizer_default`
 # uses, so both stacks format identically; the named ones are for base models
@@ -58,6 +59,14 @@ class FinetuneConfig:
     # Batches of similar lengths (transformers' LengthGroupedSampler): far less padding; off by
     # default so a parity run draws the same batches as Axolotl's default sampler.
     group_by_length: bool = False
+    # Several examples per row, padding-free, up to max_length (best-fit decreasing; position ids restart
+    # per example, so attention and the loss stay per example): fewer, fuller forward passes. An optimizer
+    # step then holds micro_batch_size x gradient_accumulation_steps rows of several examples each.
+    packing: bool = False
+    # How a MoE's fused experts run (transformers' experts_implementation): auto = eager on a CPU (measured
+    # faster there), the library's choice on a GPU (grouped_mm; Unsloth's own kernels on its backend);
+    # eager / batched_mm / grouped_mm force one (finetune/moe.py; bench/experts.py measures them)
+    experts_implementation: str = "auto"
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
@@ -158,11 +167,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "logging_steps": 10, "eval_steps": 100, "save_steps": 100, "save_total_limit": 2,
         "eval_batch_size": 16,
     },
-    # The user's production run (the Axolotl plan's settings): Qwen3-30B-A3B on 4 GPUs.
+    # The user's production run (the Axolotl plan's settings): Qwen3-30B-A3B on 4 GPUs. Packed: a ~600-token
+    # article + answer alone in a 1536-token row leaves most of each forward idle (on a MoE each expert then
+    # sees a few dozen tokens); packed, a row holds ~2.5 of them. Accumulation 6 instead of the plan's 16
+    # keeps an optimizer step at about the plan's 64 examples (4 GPUs x 6 rows x ~2.5).
     "qwen3-30b-a3b": {
         "model_name": "unsloth/Qwen3-30B-A3B-Instruct-2507", "output_dir": "outputs/qwen3-30b-a3b",
-        "dtype": "bfloat16", "max_length": 1536, "micro_batch_size": 1,
-        "gradient_accumulation_steps": 16, "learning_rate": 2e-4, "num_epochs": 1.5,
+        "dtype": "bfloat16", "max_length": 1536, "micro_batch_size": 1, "packing": True,
+        "gradient_accumulation_steps": 6, "learning_rate": 2e-4, "num_epochs": 1.5,
         "eval_steps": 200, "save_steps": 200, "save_total_limit": 3, "eval_max_samples": 500,
         "mlflow": True,
     },
@@ -298,6 +310,7 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
     choice("backend", BACKENDS)
     choice("dtype", DTYPES)
     choice("attn_implementation", ATTENTION)
+    choice("experts_implementation", EXPERTS)
     if cfg.chat_template not in CHAT_TEMPLATES:
         raise ConfigError(f"unknown chat_template '{cfg.chat_template}'; valid names: "
                           f"{', '.join(CHAT_TEMPLATES)} (tokenizer_default = the model's own template)")
@@ -305,6 +318,9 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
                 "logging_steps", "eval_steps", "save_steps", "eval_batch_size", "gen_eval_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.packing and cfg.group_by_length:
+        raise ConfigError("packing and group_by_length both remove padding; packed rows are already full, "
+                          "so choose one: packing=true group_by_length=false (or packing=false)")
     if cfg.expert_lora_r < 0:
         raise ConfigError("'expert_lora_r' must be >= 0 (0 means: same as lora_r)")
     if not 0 <= cfg.lora_dropout < 1:

@@ -1,17 +1,28 @@
-"""Training data for the trainer: records -> TRL prompt/completion rows.
+"""Training data for the trainer: records -> finished token rows.
 
-Rows come from the one prompt builder (`core.prompt`), so the loss
-falls on the assistant answer only, `<|im_end|>` included (TRL's
-completion mask covers everything the template adds after the prompt).
+The datasets a trainer gets are final when it gets it (TRL's own preparation
+is skipped): every row is the one prompt builder's chat (`core.prompt`) in the
+tokenizer's template, the loss on the answer through its `<|im_end|>` and not
+the newline the template adds after it (Axolotl's `train_on_eos: turn` does
+the same, and inference stops at `<|im_end|>`), cut at `max_length`. With
+`packing`, rows are then packed best-fit-decreasing into padding-free rows of
+at most `max_length` tokens (TRL's `pack_dataset`); the collator restarts
+position ids per example, which is what keeps attention inside each example.
 """
 
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
 
-from core.prompt import record_prompt_completion
+from core.distributed import is_rank_zero, world_size
+from core.prompt import record_messages
 from core.records import load_records, seeded_subset
 from data_tools.stats import percentiles, token_lengths
+
+ROW_COLUMNS = ["input_ids", "labels", "source"]
+
 
 def load_split(path: str, limit: int, seed: int) -> list[dict]:
     """Records of one file; `limit` > 0 keeps a seeded random subset (order kept)."""
@@ -19,10 +30,12 @@ def load_split(path: str, limit: int, seed: int) -> list[dict]:
     return records
 
 
-def to_dataset(records: list[dict]):
-    from datasets import Dataset
-
-    return Dataset.from_list([{**record_prompt_completion(r), "source": r.get("source", "")} for r in records])
+def tokenising_processes(dataset_num_proc: int, examples: int, ranks: int = 1) -> int | None:
+    """Processes each rank tokenises with: None (one) for small sets, where spawning costs more than it
+    saves; else up to 8, the machine's cores shared by the ranks (which all tokenise at once)."""
+    if dataset_num_proc:
+        return dataset_num_proc
+    return max(1, min(8, (os.cpu_count() or 1) // ranks)) if examples >= 10_000 else None
 
 
 def labels_ending_at(labels: list[int], end_of_turn_id: int) -> list[int]:
@@ -34,9 +47,123 @@ def labels_ending_at(labels: list[int], end_of_turn_id: int) -> list[int]:
     return labels
 
 
-def end_loss_at_end_of_turn(dataset, end_of_turn_id: int):
-    return dataset.map(lambda row: {"labels": labels_ending_at(row["labels"], end_of_turn_id)},
-                       desc="Ending the loss at <|im_end|>")
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def record_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """{input_ids, labels} of each record, as TRL tokenises a prompt/completion pair: the chat with the
+    answer, trained from where it leaves the prompt-with-generation-prompt, then cut at `max_length`."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def render(record: dict, with_answer: bool) -> str:
+        return tokenizer.apply_chat_template(record_messages(record, with_answer), tokenize=False,
+                                             add_generation_prompt=not with_answer)
+
+    # apply_chat_template(tokenize=True) renders, then tokenises without special tokens: done here in
+    # batches, which the fast tokenizer runs far quicker than one chat at a time.
+    prompts = tokenizer([render(r, False) for r in records], add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([render(r, True) for r in records], add_special_tokens=False)["input_ids"]
+    rows = []
+    for prompt, full in zip(prompts, fulls):
+        start = common_prefix_length(prompt, full)
+        labels = labels_ending_at([-100] * start + full[start:], end)
+        rows.append({"input_ids": full[:max_length], "labels": labels[:max_length]})
+    return rows
+
+
+def _tokenise_batch(batch: dict, tokenizer, max_length: int) -> dict:
+    records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    rows = record_rows(records, tokenizer, max_length)
+    return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+
+
+@dataclass
+class StageData:
+    """What one stage trains and evaluates on, finished; `dropped`: records whose answer `max_length` cut
+    away entirely (no trained token left), left out and reported. `examples` rows of `tokens` tokens in
+    all went into `len(train)` training rows (fewer when packed)."""
+    train: object  # datasets.Dataset
+    eval: object | None
+    dropped: int
+    packed: bool
+    examples: int
+    tokens: int
+    max_length: int
+    eval_dropped: int = 0  # eval records without a trained token left: out of eval_loss, still generated
+
+    def report(self) -> dict:
+        rows = len(self.train)
+        return {"packing": self.packed, "examples": self.examples, "rows": rows, "tokens": self.tokens,
+                "examples_per_row": round(self.examples / max(rows, 1), 3),
+                "row_fill": round(self.tokens / max(rows * self.max_length, 1), 4),
+                "dropped_without_target": self.dropped, "eval_dropped_without_target": self.eval_dropped}
+
+
+def describe_packing(report: dict) -> str:
+    if not report["packing"]:
+        return (f"packing off: {report['examples']:,} examples, one per row "
+                f"({report['row_fill']:.1%} of max_length on average)")
+    return (f"packing: {report['examples']:,} examples in {report['rows']:,} padding-free rows "
+            f"({report['examples_per_row']:.2f} per row, {report['row_fill']:.1%} of max_length filled)")
+
+
+def token_count(dataset) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
+
+
+def token_dataset(records: list[dict], tokenizer, max_length: int, num_proc: int | None = None,
+                  name: str = "train"):
+    """The records as a Dataset of rows (ROW_COLUMNS), fully cut rows dropped; and how many were."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    if not is_rank_zero():
+        disable_progress_bar()  # every rank tokenises its copy; one set of bars is enough
+    fields = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],
+              "output": [r["output"] for r in records], "source": [r.get("source") or "" for r in records]}
+    dataset = Dataset.from_dict(fields).map(
+        _tokenise_batch, batched=True, num_proc=num_proc, remove_columns=["instruction", "input", "output"],
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, desc=f"Tokenising the {name} set")
+    kept = dataset.filter(lambda row: any(label != -100 for label in row["labels"]), num_proc=num_proc,
+                          desc=f"Dropping {name} rows with no trained token")
+    # flattened: the filter leaves an index over the full table, which token_count would read past
+    return kept.select_columns(ROW_COLUMNS).flatten_indices(), len(dataset) - len(kept)
+
+
+def stage_data(cfg, train_records: list[dict], eval_records: list[dict], tokenizer,
+               text_rows: list[dict] = ()) -> StageData:
+    """The finished datasets of a stage: tokenised, masked, rehearsal rows (`text_rows`) mixed in, packed
+    when `cfg.packing`."""
+    from datasets import Dataset, concatenate_datasets
+
+    train, dropped = token_dataset(train_records, tokenizer, cfg.max_length,
+                                   tokenising_processes(cfg.dataset_num_proc, len(train_records), world_size()))
+    if text_rows:
+        train = concatenate_datasets([train, Dataset.from_list(list(text_rows)).select_columns(ROW_COLUMNS)])
+    # The eval set is never packed: eval_loss averages per batch, and packing would regroup it.
+    evals, eval_dropped = token_dataset(eval_records, tokenizer, cfg.max_length, name="eval") \
+        if eval_records else (None, 0)
+    return packed_if_asked(cfg, train, evals, dropped, eval_dropped)
+
+
+def packed_if_asked(cfg, train, evals, dropped: int, eval_dropped: int = 0) -> StageData:
+    """The stage's data from its token rows, packed best-fit-decreasing into rows of max_length when
+    `cfg.packing`."""
+    examples, tokens = len(train), token_count(train)
+    if cfg.packing:
+        from trl.data_utils import pack_dataset
+
+        train = pack_dataset(train.select_columns(["input_ids", "labels"]), cfg.max_length, "bfd",
+                             {"desc": "Packing the train set"})
+    return StageData(train, evals, dropped, cfg.packing, examples, tokens, cfg.max_length, eval_dropped)
 
 
 def length_report(records: list[dict], tokenizer, max_length: int, sample: int = 5000) -> dict:

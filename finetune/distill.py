@@ -91,7 +91,10 @@ class DistillationMixin:
         count = max(int(tokens), 1)
         self._metrics["train"]["loss_task"].append(task.item() / count)
         self._metrics["train"]["loss_distill"].append(distill.item() / count)
-        self._total_train_tokens += int(self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum())
+        # padded rows count their mask; packed rows carry none (side by side, their padding counts too)
+        real = inputs["attention_mask"].sum() if "attention_mask" in inputs else \
+            torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        self._total_train_tokens += int(self.accelerator.gather_for_metrics(real).sum())
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return (loss, None) if return_outputs else loss
 

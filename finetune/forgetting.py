@@ -9,7 +9,8 @@ an instruction record).
 
 from __future__ import annotations
 
-from finetune.rehearsal import answer_rows, text_rows
+from finetune.data import record_rows
+from finetune.rehearsal import text_rows
 
 
 def token_loss(model, rows: list[dict], pad_id: int, batch_size: int, desc: str) -> float:
@@ -37,7 +38,7 @@ def token_loss(model, rows: list[dict], pad_id: int, batch_size: int, desc: str)
 def measure_forgetting(peft_model, tokenizer, kind: str, heldout: list, max_length: int,
                        batch_size: int) -> dict:
     rows = text_rows(heldout, tokenizer, max_length) if kind == "text" else \
-        answer_rows(heldout, tokenizer, max_length)
+        record_rows(heldout, tokenizer, max_length)
     was_training = peft_model.training
     peft_model.eval()
     try:

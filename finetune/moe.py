@@ -22,6 +22,40 @@ def is_moe(model_config) -> bool:
     return hasattr(text, "output_router_logits")
 
 
+def auto_experts_implementation(on_gpu: bool) -> str | None:
+    """What `experts_implementation=auto` runs; None leaves the library's choice. On a GPU that is
+    transformers' grouped_mm (torch's grouped GEMM; the per-expert loop is what leaves MoE fine-tuning at
+    10-20% GPU use), or Unsloth's own kernels on its backend. On a CPU the loop over experts is faster
+    (bench/experts.py: about 1.1x grouped_mm on the tiny MoE; batched_mm far slower)."""
+    return None if on_gpu else "eager"
+
+
+def own_experts_forward(model) -> str | None:
+    """'unsloth' when Unsloth replaced the experts' forward (its GPU backend: transformers'
+    experts_implementation is then not read), else None."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            forward = type(module).forward
+            if "unsloth" in (forward.__module__ or "") or forward.__name__ == "forward_moe_backend":
+                return "unsloth"
+    return None
+
+
+def use_experts_implementation(model, requested: str, on_gpu: bool) -> str | None:
+    """Set how the fused experts of a MoE run and return the implementation in effect (None: a dense model)."""
+    if not is_moe(model.config):
+        return None
+    if own_experts_forward(model):
+        if requested != "auto":
+            raise ConfigError(f"experts_implementation={requested} has no effect here: Unsloth runs the experts "
+                              "with its own MoE kernels. Use experts_implementation=auto, or --backend hf")
+        return own_experts_forward(model)
+    chosen = auto_experts_implementation(on_gpu) if requested == "auto" else requested
+    if chosen is not None:
+        model.set_experts_implementation(chosen)
+    return model.config._experts_implementation
+
+
 def router_aux_loss_setting(cfg, model_config) -> dict:
     """What the run does with the load-balancing loss (dry-run report, run summary)."""
     if not is_moe(model_config):

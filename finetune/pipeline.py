@@ -21,9 +21,9 @@ from core.runinfo import library_versions
 from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
-from finetune.data import length_report
+from finetune.data import describe_packing, length_report, stage_data
 from finetune.forgetting import measure_forgetting
-from finetune.moe import TaskLossCallback, router_aux_loss_setting
+from finetune.moe import TaskLossCallback, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.selection import describe as describe_best
@@ -47,6 +47,12 @@ class PhaseTimer:
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
         say(f"[time] {name}: {self.seconds[name]:.1f}s")
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def say(text: str) -> None:
@@ -108,6 +114,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     say(f"backend: {backend} ({backend_why})")
     with timer("model_load"):
         model, tokenizer = load_base(cfg, backend)
+        experts = use_experts_implementation(model, cfg.experts_implementation, _on_gpu())
     with timer("lora"):
         plan = plan_targets(model, cfg)
         model = add_lora(model, cfg, backend, plan)
@@ -118,9 +125,10 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     storage = storage_by_category(model)
     say(f"weight storage: {describe_storage(storage)}")
     aux = router_aux_loss_setting(cfg, model.config)
-    model_info = {"router_aux_loss": aux, "weight_storage": storage}
+    model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts}
     if aux["moe"]:
         say(f"MoE router {describe_aux_loss(aux)}")
+        say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation})")
 
     parent = None
     if cfg.mlflow and len(stages) > 1:  # two-stage: the stages are nested runs under one parent
@@ -249,6 +257,16 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
             f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
             f"token length percentiles: {lengths['tokens']}")
+    with timer(f"{stage.name}.tokenise"):
+        stage_rows = stage_data(cfg, train_records, eval_records, tokenizer, rehearsal_text)
+    packing = stage_rows.report()
+    say(f"{stage.name}: {describe_packing(packing)}")
+    if stage_rows.dropped:
+        say(f"warning: {stage_rows.dropped:,} training examples left out: max_length {cfg.max_length} cuts "
+            "away their whole answer (no trained token left); raise max_length to keep them")
+    if stage_rows.eval_dropped:
+        say(f"warning: {stage_rows.eval_dropped:,} eval examples leave eval_loss: max_length {cfg.max_length} cuts "
+            "away their whole answer (the generation eval still scores them)")
     trainer_callbacks = [_import_object(path)() for path in cfg.extra_callbacks]
     gen_eval = None
     if cfg.gen_eval and eval_records:
@@ -277,16 +295,15 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         run_name = stage.name if parent_logger else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
         tracker = mlflow_logger(cfg, out, run_name, parent_logger)
         tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
-                          "data": data_identity, "libraries": libraries,
+                          "data": data_identity, "packing": packing, "libraries": libraries,
                           "trainable_parameters": params["trainable_by_category"]}
         trainer_callbacks.append(tracker)
     # Last: its pause over an evaluation then covers every other callback's evaluation work
     watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out,
                              pause_timeout_s=cfg.watchdog_pause_s)
     trainer_callbacks.append(watchdog)
-    with timer(f"{stage.name}.tokenise_and_build_trainer"):
-        trainer = sft_trainer(cfg, stage, out, model, tokenizer, train_records, eval_records, trainer_callbacks,
-                              rehearsal_text)
+    with timer(f"{stage.name}.build_trainer"):
+        trainer = sft_trainer(cfg, stage, out, model, tokenizer, stage_rows, trainer_callbacks)
     for callback in (gen_eval, best):
         if callback is not None:
             callback.trainer = trainer
@@ -326,9 +343,10 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         "phase_seconds": dict(timer.seconds), "trainable_parameters": params,
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
-        "data": data_identity, "mlflow_run_id": tracker.run_id if tracker else None,
+        "data": data_identity, "packing": packing, "mlflow_run_id": tracker.run_id if tracker else None,
         "world_size": world_size(), "watchdog_dumps": watchdog.dumps,
         "attn_implementation": attention_implementation(cfg),
+        "experts_implementation": model_info["experts_implementation"],
         "libraries": libraries, "python": sys.version.split()[0],
     }
     if trainer.is_world_process_zero():
@@ -389,8 +407,10 @@ def print_summary(cfg: FinetuneConfig, summaries: list[dict], mlflow_parent: dic
         aux = s.get("router_aux_loss") or {}
         moe = (f"; router aux loss {'coef ' + str(aux['coef']) if aux['on'] else 'off'}"
                if aux.get("moe") else "")
+        packed = s.get("packing") or {}
+        rows = f"; packed, {packed['examples_per_row']:.2f} examples per row" if packed.get("packing") else ""
         say(f"{s['stage']:>7}: {s['global_step']} steps in {s['train_seconds']:.0f}s, "
-            f"train loss {first:.4f} -> {last:.4f}{eval_loss}; backend {s['backend']}{moe}")
+            f"train loss {first:.4f} -> {last:.4f}{eval_loss}; backend {s['backend']}{moe}{rows}")
         gen = {k: v for k, v in m.items() if k in SUMMARY_METRICS}
         if gen:
             say("         " + ", ".join(f"{k} {v:.3f}" for k, v in gen.items()))

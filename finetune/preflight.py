@@ -22,7 +22,7 @@ from finetune.config import ConfigError, FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.lora import CATEGORIES, count_parameters, plan_targets
 from finetune.moe import describe as describe_aux_loss
-from finetune.moe import router_aux_loss_setting
+from finetune.moe import router_aux_loss_setting, use_experts_implementation
 from finetune.quant_experts import describe_storage
 from finetune.selection import describe_plan
 from finetune.stages import stages_for
@@ -201,7 +201,14 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     """`world`: the number of ranks the run will use (--nproc, or torchrun's WORLD_SIZE)."""
     from peft import LoraConfig, get_peft_model
 
+    from finetune.model import choose_backend
+
     model, model_config, shipped_config = meta_model(cfg)
+    # the choice of the run this plans: on a GPU, with the backend `auto` resolves to here
+    backend = choose_backend(cfg.backend)[0]
+    experts = use_experts_implementation(model, cfg.experts_implementation, on_gpu=True)
+    if experts and backend == "unsloth" and cfg.experts_implementation == "auto":
+        experts = "unsloth"  # on a GPU, Unsloth's own MoE forward is its default (unsloth_zoo moe_experts_interface)
     shipped_config = str(shipped_config.relative_to(REPO)) if shipped_config else None
     base_counts = count_parameters(model)
     plan = plan_targets(model, cfg)
@@ -236,6 +243,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
                                  for cat, kinds in storage.items()},
         "data": data, "missing_data": missing, "token_lengths": tokenizer is not None,
         "gen_eval_answer_tokens": answer_tokens, "memory_estimate_gib_per_device": memory,
+        "packing": cfg.packing, "experts_implementation": experts,
     }
     print("\n=== preflight (dry run: nothing was trained) ===")
     print(f"model        {cfg.model_name} ({report['model_class']}), {base_counts['total']:,} parameters, "
@@ -282,6 +290,12 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     if "distill_teacher" in memory:
         print(f"distillation teacher pass: +{memory['distill_teacher']} GiB (its logits and the KL's "
               "softmaxes, upper bound; no second copy of the weights: the teacher is the adapter-disabled model)")
+    if experts:
+        print(f"experts      {experts} on a GPU (experts_implementation={cfg.experts_implementation}, "
+              f"backend {backend})")
+    packing = (f"on: several examples per padding-free row of up to {cfg.max_length} tokens" if cfg.packing
+               else "off: one example per row")
+    print(f"packing      {packing} (rows counted when training starts)")
     print(f"adapter      {describe_plan(cfg).removeprefix('adapter/ = ')}")
     print(json.dumps(report, ensure_ascii=False))
     return 0

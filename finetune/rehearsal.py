@@ -155,19 +155,3 @@ def plan_general(rehearsal_data: str, ratio: float, general_eval_file: str, eval
               "skipped_empty_documents": data.skipped_empty if data else 0,
               "heldout_file": general_eval_file or rehearsal_data, "heldout_examples": len(heldout)}
     return GeneralPlan(data.kind if data else "text", examples, heldout_kind, heldout, report)
-
-
-def answer_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Instruction records tokenised with the chat template, the loss on the answer through <|im_end|>."""
-    from core.prompt import record_messages
-    from finetune.data import labels_ending_at
-
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = []
-    for record in records:
-        prompt = tokenizer.apply_chat_template(record_messages(record, with_answer=False),
-                                               add_generation_prompt=True, tokenize=True, return_dict=False)
-        full = tokenizer.apply_chat_template(record_messages(record), tokenize=True, return_dict=False)
-        labels = labels_ending_at([-100] * len(prompt) + full[len(prompt):], end)
-        rows.append({"input_ids": full[:max_length], "labels": labels[:max_length]})
-    return rows

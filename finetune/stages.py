@@ -10,7 +10,6 @@ and `--resume` continues an incomplete one from its latest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,20 +105,13 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
                               "Pass --resume to continue it, or --overwrite to start over")
 
 
-def tokenising_processes(cfg: FinetuneConfig, examples: int) -> int | None:
-    """TRL's dataset_num_proc: None (one process) for small sets, where spawning costs more than it saves."""
-    if cfg.dataset_num_proc:
-        return cfg.dataset_num_proc
-    return min(8, os.cpu_count() or 1) if examples >= 10_000 else None
-
-
-def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, train_examples: int = 0, has_eval: bool = True):
+def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True):
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
     has_eval = has_eval and bool(cfg.eval_file)
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
@@ -147,7 +139,11 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, train_examples: int
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,
         ddp_timeout=cfg.ddp_timeout,  # also given to the process group (pipeline.init_distributed)
-        dataset_num_proc=tokenising_processes(cfg, train_examples),
+        # the datasets come finished (finetune/data.py): TRL prepares nothing
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # Chosen here, never left to a library: unset, Unsloth's SFTConfig turns padding-free on by itself
+        packing=flattens_packed_rows(cfg),
+        padding_free=flattens_packed_rows(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -160,40 +156,46 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, train_examples: int
         save_only_model=False,  # resume needs the optimizer and scheduler state
         disable_tqdm=False,
     )
+    # Set after __post_init__: Unsloth's CPU fallback switches packing off there (it expects SDPA to mix packed
+    # examples), and the rows come packed either way
+    args.packing = args.padding_free = flattens_packed_rows(cfg)
+    return args
 
 
-def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, train_records: list[dict],
-                eval_records: list[dict], callbacks: list = (), text_rows: list[dict] = ()):
-    """TRL's SFTTrainer over the one prompt builder's rows, with the loss ending at <|im_end|>.
+def flattens_packed_rows(cfg: FinetuneConfig) -> bool:
+    """Whether packed rows reach the model flattened into one padding-free sequence per micro-batch (TRL's
+    padding-free collator): right where the attention has a varlen kernel (FlashAttention; Unsloth's packing
+    on a GPU rides on it). Elsewhere (sdpa, eager) the rows stay side by side (finetune/collate.py): one
+    flattened micro-batch would cost (rows x max_length)^2 attention instead of rows x max_length^2."""
+    from finetune.model import attention_implementation
 
-    The template closes a turn with "<|im_end|>" and a newline; TRL's completion mask covers the newline too,
-    Axolotl's chat_template (train_on_eos: turn) does not, and inference never generates it (it stops
-    at <|im_end|>). Dropping it from the loss makes both stacks train identical tokens.
-    `text_rows`: pre-tokenised plain documents (rehearsal) added to the training set.
+    return cfg.packing and attention_implementation(cfg).startswith(("flash_attention", "kernels-community/flash"))
+
+
+def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, data, callbacks: list = ()):
+    """TRL's SFTTrainer over a stage's finished datasets (`data`: finetune.data.StageData).
     With distill_lambda > 0 the trainer adds the distillation term (finetune/distill.py)."""
     from trl import SFTTrainer  # imported (and patched by Unsloth, on that backend) by the caller first
 
     from finetune.checkpoints import adapter_checkpoints
-    from finetune.data import end_loss_at_end_of_turn, to_dataset
     from finetune.distill import distilling_trainer
 
-    args = sft_config(cfg, stage, out, len(train_records), has_eval=bool(eval_records))
+    from finetune.collate import PackedRowsCollator
+
+    args = sft_config(cfg, stage, out, has_eval=data.eval is not None)
+    side_by_side = data.packed and not args.padding_free
+    collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id) if side_by_side else None
     trainer_class = adapter_checkpoints(SFTTrainer if cfg.distill_lambda == 0 else
                                         distilling_trainer(SFTTrainer, cfg.distill_lambda, cfg.distill_temperature))
-    trainer = trainer_class(model=model, args=args, processing_class=tokenizer,
-                            train_dataset=to_dataset(train_records),
-                            eval_dataset=to_dataset(eval_records) if eval_records else None,
-                            callbacks=list(callbacks))
-    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    trainer.train_dataset = end_loss_at_end_of_turn(trainer.train_dataset, end_id)
-    if text_rows:
-        from datasets import Dataset, concatenate_datasets
-
-        columns = ["input_ids", "labels", "source"]
-        trainer.train_dataset = concatenate_datasets([trainer.train_dataset.select_columns(columns),
-                                                      Dataset.from_list(list(text_rows)).select_columns(columns)])
-    if trainer.eval_dataset is not None:
-        trainer.eval_dataset = end_loss_at_end_of_turn(trainer.eval_dataset, end_id)
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, train_dataset=data.train,
+                            eval_dataset=data.eval, data_collator=collator, callbacks=list(callbacks))
+    keeps_apart = (trainer.data_collator is collator if side_by_side
+                   else getattr(trainer.data_collator, "padding_free", False))
+    if data.packed and not keeps_apart:
+        # a library replaced the collator or turned padding-free off (Unsloth does for models it cannot
+        # pack): packed rows with an attention mask of ones would let their examples attend to each other
+        raise ConfigError(f"packing: the trainer built for {cfg.model_name} does not keep packed examples apart "
+                          f"(collator {type(trainer.data_collator).__name__}); set packing=false")
     return trainer
 
 

@@ -1,13 +1,14 @@
 """`parity.py tokens`: do both stacks train on the same token sequences with the same loss mask?
 
 Ours: the trainer's own data path (config resolution, the one prompt builder,
-TRL's SFTTrainer preprocessing, max_length truncation). Axolotl's: its own
+`finetune.data.stage_data`: masks, max_length truncation). Axolotl's: its own
 `load_cfg` + `load_datasets` in its environment (`axolotl_tokens`). The
 first N training examples are compared by position, in file order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import tempfile
@@ -26,11 +27,10 @@ class Tokenised:
 
 
 def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[list[Tokenised], object, object]:
-    """The first n examples as our trainer's SFTTrainer tokenises them; also (cfg, tokenizer)."""
+    """The first n examples as our trainer's dataset step tokenises them; also (cfg, tokenizer)."""
     from finetune import config as config_mod
-    from finetune.data import load_split
-    from finetune.model import load_base
-    from finetune.stages import sft_trainer, stages_for
+    from finetune.data import load_split, stage_data
+    from finetune.model import load_tokenizer
 
     cfg = config_mod.resolve("single", None, config_file, config_mod.parse_overrides(overrides), {})
     from data_tools.tiny_data import ensure_tiny_data
@@ -38,11 +38,10 @@ def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[l
     if cfg.preset == "tiny":
         ensure_tiny_data(config_mod.data_files(cfg))
     records = load_split(cfg.train_file, 0, cfg.seed)[:n]
-    model, tokenizer = load_base(cfg, "hf")  # tokenisation is TRL's either way; no Unsloth patching needed
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), model, tokenizer, records, [])
-        rows = [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]])
-                for r in trainer.train_dataset]
+    tokenizer = load_tokenizer(cfg)
+    # the trainer's own dataset step, unpacked: examples compared one by one
+    rows = [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]])
+            for r in stage_data(dataclasses.replace(cfg, packing=False), records, [], tokenizer).train]
     return rows, cfg, tokenizer
 
 
@@ -105,7 +104,7 @@ def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axol
 
         base_dir = resolve_model_path(base)
     theirs, total = axolotl_tokens(config_axolotl, n, base_dir)
-    lines = [f"ours: {cfg.train_file} via qwen_finetune.py's data path (TRL SFTTrainer); "
+    lines = [f"ours: {cfg.train_file} via qwen_finetune.py's data path; "
              f"axolotl: {config_axolotl} ({total:,} examples after its filters)"]
     if len(theirs) < len(ours):
         lines.append(f"Axolotl yielded {len(theirs)} examples, ours {len(ours)}: it dropped some "

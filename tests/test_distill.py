@@ -146,6 +146,7 @@ def test_rehearsal_rows_enter_the_trainers_dataset(tmp_path, monkeypatch):
     from data_tools.synth import generate
     from finetune.config import resolve
     from finetune.model import load_base
+    from finetune.data import stage_data
     from finetune.rehearsal import load_general, plan_general, text_rows
     from finetune.stages import sft_trainer, stages_for
 
@@ -163,8 +164,8 @@ def test_rehearsal_rows_enter_the_trainers_dataset(tmp_path, monkeypatch):
     task = generate(0, "train", "positive", 4)
     plan = plan_general("alpaca.json", 0.5, "", 1, len(task), seed=0)
     rows = text_rows(docs.items, tokenizer, 8)
-    trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / "o", model, tokenizer, task + plan.examples, [],
-                          text_rows=rows)
+    trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / "o", model, tokenizer,
+                          stage_data(cfg, task + plan.examples, [], tokenizer, rows))
     data = trainer.train_dataset
     assert len(plan.examples) == 4  # ratio 0.5 of 4 task examples: the 3-row file cycled
     assert len(data) == 4 + 4 + 3

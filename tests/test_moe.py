@@ -39,18 +39,22 @@ def assert_moe_stage(out, stage: str, backend: str, steps: int = 3) -> dict:
     return s
 
 
-@pytest.mark.parametrize("backend", ["hf", "unsloth"])
-def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, backend):
+@pytest.mark.parametrize("backend, packing", [("hf", "false"), ("unsloth", "true")])
+def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, backend, packing):
     """The user's command on the MoE: no crash at the evaluations, and after each generation eval the
-    model trains as before it: gradient checkpointing, train mode, the tokenizer's padding side."""
-    result = ok(train("--mode", "single", "--backend", backend, "output_dir=out", *MOE,
+    model trains as before it: gradient checkpointing, train mode, the tokenizer's padding side.
+    On Unsloth packed (padding-free rows, the production preset's setting), on hf padded."""
+    result = ok(train("--mode", "single", "--backend", backend, "output_dir=out", *MOE, f"packing={packing}",
                       "gradient_checkpointing=true", "extra_callbacks=trainer_hooks.RecordTrainingState",
                       cwd=tmp_path))
     s = assert_moe_stage(tmp_path / "out", "single", backend)
+    assert s["experts_implementation"] == "eager" and "MoE experts run as eager" in result.stdout  # auto, CPU
+    assert s["packing"]["packing"] == (packing == "true") and s["packing"]["examples"] == 16
+    assert (s["packing"]["rows"] < 16) == (packing == "true")
     # the aux term is in the loss that is optimised: step 1 (same weights, same batch) without it is lower
     # by exactly coef * aux_loss
     ok(train("--mode", "single", "--backend", backend, "output_dir=off", *MOE, "router_aux_loss_coef=0",
-             "max_steps=1", "gen_eval=false", "eval_file=", cwd=tmp_path))
+             f"packing={packing}", "max_steps=1", "gen_eval=false", "eval_file=", cwd=tmp_path))
     off = summary(tmp_path / "off")
     assert off["router_aux_loss"]["on"] is False and off["router_aux_loss"]["aux_losses"] == []
     step1, aux1 = s["train_losses"][0][1], s["router_aux_loss"]["aux_losses"][0][2]
@@ -87,10 +91,50 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
     assert f"adapter: out/single/adapter (step {best['adapter_step']})" in result.stdout
 
 
+def test_experts_implementation_is_set_reported_and_computes_the_same_loss():
+    """auto: the loop over experts on a CPU (measured faster there); on a GPU the library's choice
+    (transformers' grouped GEMM, Unsloth's kernels on its backend). Each forced implementation is the one
+    that runs and gives the same loss on the same batch; a dense model has none."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import resolve_model_path
+    from finetune.moe import use_experts_implementation
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-moe"))
+    assert model.config._experts_implementation == "grouped_mm"  # transformers' own default
+    ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name in ("auto", "batched_mm", "grouped_mm", "eager"):
+        used = use_experts_implementation(model, name, on_gpu=False)
+        assert used == ("eager" if name == "auto" else name)
+        with torch.no_grad():
+            losses[name] = float(model(input_ids=ids, labels=ids).loss)
+    assert max(losses.values()) - min(losses.values()) < 1e-4, losses
+    model.set_experts_implementation("batched_mm")
+    assert use_experts_implementation(model, "auto", on_gpu=True) == "batched_mm"  # on a GPU: left as loaded
+    dense = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-dense"))
+    assert use_experts_implementation(dense, "grouped_mm", on_gpu=False) is None
+    # Unsloth's GPU backend replaces the experts' forward (transformers' setting is then not read): reported
+    # as such, and a forced implementation is refused instead of shown as running
+    from finetune.config import ConfigError
+
+    experts = model.model.layers[0].mlp.experts
+
+    def forward_moe_backend(self, *args, **kwargs):
+        raise AssertionError("not called")
+
+    experts.__class__ = type("UnslothExperts", (type(experts),), {"forward": forward_moe_backend})
+    assert use_experts_implementation(model, "auto", on_gpu=True) == "unsloth"
+    with pytest.raises(ConfigError, match="Unsloth runs the experts with its own MoE kernels"):
+        use_experts_implementation(model, "grouped_mm", on_gpu=True)
+
+
 def test_moe_distillation_adds_the_router_loss_like_the_plain_run(tmp_path):
-    """distill_lambda > 0: loss = task + lambda * KL + coef * aux; step 1's KL is 0 (B = 0)."""
-    ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *MOE, "distill_lambda=0.1", cwd=tmp_path))
+    """distill_lambda > 0: loss = task + lambda * KL + coef * aux; step 1's KL is 0 (B = 0). Packed rows."""
+    ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *MOE, "distill_lambda=0.1", "packing=true",
+             cwd=tmp_path))
     s = summary(tmp_path / "out")
+    assert s["packing"]["rows"] < s["packing"]["examples"]
     parts = {step: (task, kl) for step, task, kl in s["distill_losses"]}
     aux = {step: value for step, _, value in s["router_aux_loss"]["aux_losses"]}
     assert parts[1][1] == 0.0 and parts[3][1] > 0

@@ -46,6 +46,10 @@ def test_production_preset_dry_run_works_offline(tmp_path):
                 "is not available offline") in out
         assert "data missing eval_file: file not found: data/train/hawks_val_mixed.json" in out
         assert "memory/dev   ~" in out and f"world size {runs[name]['world_size']}" in out
+        # the production preset packs; on the Unsloth backend the MoE's experts run Unsloth's own kernels
+        assert "packing      on: several examples per padding-free row of up to 1536 tokens" in out
+        assert "experts      unsloth on a GPU (experts_implementation=auto, backend unsloth)" in out
+        assert runs[name]["packing"] is True and runs[name]["experts_implementation"] == "unsloth"
         outputs[name] = out
     # the README shows these lines of the same two reports: they are what the command prints today
     readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()

@@ -55,7 +55,7 @@ def test_single_mode_writes_adapter_summary_and_marker(single_hf):
     assert (stage / "adapter" / "tokenizer_config.json").is_file()
     s = summary(cwd / "out")
     assert s["backend"] == "hf" and s["global_step"] == 3 and len(s["train_losses"]) == 3
-    for phase in ("imports", "model_load", "lora", "single.data_load", "single.tokenise_and_build_trainer",
+    for phase in ("imports", "model_load", "lora", "single.data_load", "single.tokenise", "single.build_trainer",
                   "single.first_optimizer_step"):
         assert s["phase_seconds"][phase] >= 0, phase
     assert s["data"]["train_examples"] == 48 and len(s["data"]["train_sha256"]) == 64
@@ -329,13 +329,15 @@ def _abs_sum(folder: Path) -> float:
 
 
 def test_torchrun_two_stage_moe_keeps_the_best_step_under_its_constraint(tmp_path):
-    """The user's launch (torchrun, the MoE, generation eval mid-run: each rank generates its shard, padded
-    batches, the router aux loss on) in two stages whose late steps are wrecked by a huge learning rate.
+    """The user's launch (torchrun, the MoE, packed rows, generation eval mid-run: each rank generates its
+    shard, padded batches, the router aux loss on) in two stages whose late steps are wrecked by a huge
+    learning rate.
     Each stage keeps the best evaluated step that meets the constraint as adapter/ (the last as
     adapter_last/), and stage 2 continues stage 1's chosen adapter on both ranks."""
     constraint = "gen_truncation_rate<0.9"
     result = ok(train("--mode", "two-stage", "load_in_4bit=false", "dtype=float32", "output_dir=out", *SMALL,
                       "max_steps=6", "model_name=tiny-moe", "eval_steps=2", "save_steps=2", "save_total_limit=3",
+                      "packing=true",
                       "gen_eval_max_samples=6", "gen_eval_batch_size=2", "router_aux_loss_coef=0.001",
                       f"best_metric_constraint={constraint}",
                       "extra_callbacks=trainer_hooks.WreckLearningRate,trainer_hooks.RecordAdapterAtStart",
@@ -348,6 +350,7 @@ def test_torchrun_two_stage_moe_keeps_the_best_step_under_its_constraint(tmp_pat
         out = tmp_path / "out" / stage
         s = summary(tmp_path / "out", stage)
         assert s["world_size"] == 2 and s["backend"] == "hf" and s["global_step"] == 6
+        assert s["packing"]["packing"] and s["packing"]["rows"] < s["packing"]["examples"]
         assert s["router_aux_loss"]["on"] and [a[0] for a in s["router_aux_loss"]["aux_losses"]] == [1, 2, 3, 4, 5, 6]
         metrics = {step: json.loads((out / f"gen_metrics_step{step}.json").read_text()) for step in (2, 4, 6)}
         assert all(m["gen_num_examples"] == 6 for m in metrics.values())  # both ranks' shards gathered
@@ -378,35 +381,11 @@ def test_torchrun_two_stage_moe_keeps_the_best_step_under_its_constraint(tmp_pat
     assert f"adapter: out/stage2/adapter (step {chosen['stage2']})" in result.stdout
 
 
-def test_loss_falls_on_the_answer_and_its_end_of_turn(tmp_path, monkeypatch):
-    """The trainer's rows (one prompt builder -> TRL prompt/completion) mask the prompt
-    and keep `<|im_end|>` in the loss, so the model learns to stop; the template's
-    newline after it is not trained (Axolotl does not train it either)."""
-    from transformers import AutoModelForCausalLM
-
-    from core.prompt import record_messages
-    from data_tools.synth import generate
-    from finetune.config import resolve
-    from finetune.model import load_tokenizer, resolve_model_path
-    from finetune.stages import sft_trainer, stages_for
-
-    monkeypatch.chdir(tmp_path)
-    cfg = resolve("single", "tiny", None, {"eval_file": ""}, {}, None)
-    tokenizer = load_tokenizer(cfg)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model_name))
-    records = generate(0, "train", "positive", 2) + generate(0, "train", "negative", 1)
-    trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / "o", model, tokenizer, records, [])
-    for record, row in zip(records, trainer.train_dataset, strict=True):
-        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
-        assert tokenizer.decode(trained) == record["output"] + "<|im_end|>"
-        full = tokenizer.apply_chat_template(record_messages(record), tokenize=True, return_dict=False)
-        assert row["input_ids"] == full  # the model's own template, nothing added
-
-
 def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
     """group_by_length=true: transformers' length-grouped sampler in the trainer's own dataloader."""
     from data_tools.synth import generate
     from finetune.config import resolve
+    from finetune.data import stage_data
     from finetune.model import load_base
     from finetune.stages import sft_trainer, stages_for
 
@@ -416,7 +395,8 @@ def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
     for grouped in ("false", "true"):
         cfg = resolve("single", "tiny", None, {"eval_file": "", "group_by_length": grouped}, {}, None)
         model, tokenizer = load_base(cfg, "hf")
-        trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / grouped, model, tokenizer, records, [])
+        trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / grouped, model, tokenizer,
+                              stage_data(cfg, records, [], tokenizer))
         assert trainer.args.train_sampling_strategy == ("group_by_length" if grouped == "true" else "random")
         batches = list(trainer.get_train_dataloader())
         assert sum(len(b["input_ids"]) for b in batches) == len(records)  # every example, once

@@ -38,7 +38,10 @@ def test_production_preset_matches_the_axolotl_plan(tmp_path, monkeypatch):
         (tmp_path / "data" / "train" / name).write_text("[]")
     cfg = resolve("single", "qwen3-30b-a3b", None, {}, {}, None)
     assert cfg.model_name == "unsloth/Qwen3-30B-A3B-Instruct-2507" and cfg.max_length == 1536
-    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim) == (1, 16, "adamw_torch")
+    # the plan's micro-batch 1 x accumulation 16, one example per row; packed, a row holds ~2.5 of its
+    # ~600-token examples, so 6 rows keep an optimizer step at about the plan's examples
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim) == (1, 6, "adamw_torch")
+    assert cfg.packing and not cfg.group_by_length
     assert (cfg.eval_steps, cfg.save_steps, cfg.save_total_limit) == (200, 200, 3)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.num_epochs) == (16, 32, 0.0, 1.5)
     assert (cfg.lr_scheduler, cfg.min_lr_ratio, cfg.warmup_ratio) == ("cosine_with_min_lr", 0.05, 0.03)
@@ -59,6 +62,8 @@ def test_production_preset_matches_the_axolotl_plan(tmp_path, monkeypatch):
     (["gradient_accumulation_steps=0"], "'gradient_accumulation_steps' must be at least 1"),
     (["ddp_timeout=0"], "'ddp_timeout' >= 1 second"),
     (["dataset_num_proc=-1"], "'dataset_num_proc' must be >= 0"),
+    (["packing=true", "group_by_length=true"], "packing and group_by_length both remove padding"),
+    (["experts_implementation=fast"], "valid values: auto, eager, batched_mm, grouped_mm"),
 ])
 def test_configuration_errors(items, message):
     with pytest.raises(ConfigError) as e:
@@ -66,20 +71,29 @@ def test_configuration_errors(items, message):
     assert message in str(e.value)
 
 
-def test_rank_zero_tokenises_in_parallel_only_on_a_large_set(monkeypatch):
-    """Ranks 1-3 wait while rank 0 tokenises: the production mix (174K records) gets processes,
-    the tiny sets do not (spawning them costs more than it saves); an explicit value always wins."""
-    from finetune.stages import sft_config, stages_for, tokenising_processes
+def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkeypatch):
+    """Every rank tokenises its copy at once: the production mix (174K records) gets processes, the machine's
+    cores shared by the ranks; the tiny sets get none (spawning costs more than it saves); an explicit
+    value always wins. The trainer prepares nothing itself: the datasets come finished."""
+    from finetune.data import tokenising_processes
+    from finetune.stages import sft_config, stages_for
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    cfg = resolve_with()
-    assert tokenising_processes(cfg, 3_000) is None and tokenising_processes(cfg, 9_999) is None
-    assert tokenising_processes(cfg, 174_663) == 8
+    assert tokenising_processes(0, 3_000) is None and tokenising_processes(0, 9_999) is None
+    assert tokenising_processes(0, 174_663) == 8
+    assert tokenising_processes(0, 174_663, ranks=4) == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert tokenising_processes(cfg, 174_663) == 2
-    assert tokenising_processes(resolve_with("dataset_num_proc=3"), 10) == 3
-    args = sft_config(resolve_with("ddp_timeout=5400"), stages_for(cfg)[0], Path("o"), 174_663)
-    assert args.dataset_num_proc == 2 and args.ddp_timeout == 5400
+    assert tokenising_processes(0, 174_663) == 2 and tokenising_processes(0, 174_663, ranks=4) == 1
+    assert tokenising_processes(resolve_with("dataset_num_proc=3").dataset_num_proc, 10) == 3
+    args = sft_config(resolve_with("ddp_timeout=5400"), stages_for(resolve_with())[0], Path("o"))
+    assert args.ddp_timeout == 5400 and args.dataset_kwargs == {"skip_prepare_dataset": True}
+    assert args.packing is False and args.padding_free is False  # never Unsloth's automatic choice
+    # packed rows are flattened into one padding-free sequence only where the attention has a varlen kernel
+    sdpa = sft_config(resolve_with("packing=true"), stages_for(resolve_with())[0], Path("o"))
+    assert sdpa.packing is False and sdpa.padding_free is False  # side by side (finetune/collate.py)
+    flash = sft_config(resolve_with("packing=true", "attn_implementation=flash_attention_2"),
+                       stages_for(resolve_with())[0], Path("o"))
+    assert flash.packing is True and flash.padding_free is True
 
 
 def test_preset_follows_the_same_precedence_as_every_key(tmp_path):
