@@ -22,25 +22,10 @@ import statistics
 import sys
 import time
 
+from bench.flops import matmul_rate, mfu
 from bench.results import append_section
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
-
-
-def matmul_rate(torch, device: str, dtype, size: int) -> float:
-    """FLOP/s of a square matmul on this device, median of 7 timings."""
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    rates = []
-    for _ in range(7):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        rates.append(2 * size ** 3 / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def active_parameters(model, config) -> int:
@@ -114,7 +99,7 @@ def main() -> int:
     for name, loss in losses.items():
         if abs(loss - losses[first]) > 1e-4 * abs(losses[first]):
             raise SystemExit(f"{name}: loss {loss} differs from {first}'s {losses[first]}")
-    flops = matmul_rate(torch, device, getattr(torch, dtype), 2048 if device == "cpu" else 8192)
+    flops = matmul_rate(device, dtype)
     active = active_parameters(model, base.config)
     base = statistics.median(results[first])
     lines = [f"| experts implementation | tokens/s, median (min-max) | vs {first} | MFU | loss |",
@@ -123,7 +108,7 @@ def main() -> int:
         rates = sorted(results[name])
         median = statistics.median(rates)
         lines.append(f"| {name} | {median:.0f} ({rates[0]:.0f}-{rates[-1]:.0f}) | {median / base:.2f}x | "
-                     f"{4 * active * median / flops:.1%} | {losses[name]:.6f} |")
+                     f"{mfu(active, median, flops):.1%} | {losses[name]:.6f} |")
     table = "\n".join(lines)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} torch threads"
     text = (f"The tiny MoE (8 experts, top-2; {active:,} active parameters) with LoRA on attention and the "

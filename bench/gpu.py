@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+from bench.flops import matmul_rate, mfu
 from bench.results import append_section
 from core.runinfo import LIBRARIES
 MOE_CONFIG = REPO / "finetune" / "model_configs" / "Qwen3-30B-A3B-Instruct-2507.json"
@@ -100,24 +100,6 @@ def unsloth_check(model_dir: str) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("UNSLOTH")), None)
     return f"ok ({line.split(' ', 1)[1]})" if line else f"FAILED: {done.stderr.strip().splitlines()[-1:]}"
-
-
-def bf16_matmul_flops() -> float:
-    import torch
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    rates = []
-    for _ in range(10):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        torch.cuda.synchronize()
-        rates.append(10 * 2 * 8192 ** 3 / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def moe_config(layers: int) -> dict:
@@ -198,7 +180,7 @@ def main() -> int:
     ensure_tiny_data({"train_file": "data/tiny/hawks_train_curriculum.json"})
     gpu = torch.cuda.get_device_name(0)
     checks = library_checks()
-    peak = bf16_matmul_flops()
+    peak = matmul_rate("cuda", "bfloat16")  # 8192^3 GEMMs
     print(f"{gpu}: measured bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     models = {}
@@ -215,7 +197,7 @@ def main() -> int:
             for backend in args.backends:
                 r = train_once(path, variant, backend, args, work)
                 if "error" not in r:
-                    r["mfu"] = 4 * params["active"] * r["tokens_per_s"] / peak
+                    r["mfu"] = mfu(params["active"], r["tokens_per_s"], peak)
                 rows.append({"model": name, "variant": variant, "backend": backend, **params, **r})
                 print(rows[-1], flush=True)
     lines = ["| model | backend | weights stored as (asked for) | tokens/s | vs hf | MFU | peak GiB | first step s "

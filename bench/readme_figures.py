@@ -171,6 +171,9 @@ FIGURES = [
            rf"{COUNT} forward passes per epoch instead of {COUNT} \({NUM}x fewer\), {NUM}% of the token budget "
            rf"filled",
            "padding: forward passes, packed vs not", packed_forwards),
+    Figure("training throughput: MFU",
+           rf"fp32 matmul rate measured in the same run, `bench/flops.py`\): about {NUM}% for ours",
+           "training throughput", lambda: (f"{throughput('ours-unsloth', 'MFU'):.0f}",)),
     Figure("training throughput: packed",
            rf"ours packed trains at {NUM}x plain TRL and {NUM}x Axolotl", "training throughput",
            lambda: (f"{throughput('ours-packed', 'vs plain-trl'):.2f}",

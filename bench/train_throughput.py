@@ -18,7 +18,8 @@ every one processes the same tokens (token parity: `parity.py tokens`).
 Figures: trained tokens per second (real tokens of the epoch / time from
 train begin to the last optimizer step) and time to the first optimizer step
 from process launch (imports, model load, tokenisation included); medians
-with min-max, and each as a ratio to plain TRL. Appends to bench/RESULTS.md.
+with min-max, and each as a ratio to plain TRL; MFU against the fp32 matmul
+rate measured in the same run (bench/flops.py). Appends to bench/RESULTS.md.
 `--profile`: one more run per stack with steps 3-5 under torch.profiler, and
 its self CPU time by kind of op (matmul, attention, loss, optimizer, ...).
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+from bench.flops import matmul_rate, mfu
 from bench.profile_ops import kinds_table, op_kinds
 from bench.results import append_section
 from bench.step_timer import run_timed
@@ -106,7 +108,7 @@ def main() -> int:
     from data_tools.stats import token_lengths
     from data_tools.tiny_data import ensure_tiny_data
     from finetune.model import resolve_model_path
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mix = "data/tiny/hawks_train_curriculum.json"
     ensure_tiny_data({"train_file": mix})
@@ -117,6 +119,7 @@ def main() -> int:
     write_rows(data, records)
     prepare_messages([data.replace(".json", ".messages.jsonl")])
     tokens = sum(token_lengths(records, AutoTokenizer.from_pretrained(model_dir)))
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     results = {name: [] for name in args.only}
     for r in range(args.rounds):
         for name in args.only:
@@ -131,13 +134,15 @@ def main() -> int:
 
     base = "plain-trl" if "plain-trl" in results else args.only[0]
     base_tps = tokens / stats(base, "train_s")[0]
-    lines = [f"| stack | trained tokens/s, median (min-max) | vs {base} | first optimizer step, s | vs {base} |",
-             "|---|---:|---:|---:|---:|"]
+    rate = matmul_rate()  # measured after the runs, in the same process: the denominator of MFU
+    lines = [f"| stack | trained tokens/s, median (min-max) | vs {base} | MFU | first optimizer step, s "
+             f"| vs {base} |", "|---|---:|---:|---:|---:|---:|"]
     for name in args.only:
         tps = sorted(tokens / x["train_s"] for x in results[name])
+        median = statistics.median(tps)
         first = stats(name, "first_step_s")
-        lines.append(f"| {name} | {statistics.median(tps):.0f} ({tps[0]:.0f}-{tps[-1]:.0f}) | "
-                     f"{statistics.median(tps) / base_tps:.2f}x | {first[0]:.1f} ({first[1]:.1f}-{first[2]:.1f}) | "
+        lines.append(f"| {name} | {median:.0f} ({tps[0]:.0f}-{tps[-1]:.0f}) | {median / base_tps:.2f}x | "
+                     f"{mfu(parameters, median, rate):.1%} | {first[0]:.1f} ({first[1]:.1f}-{first[2]:.1f}) | "
                      f"{first[0] / stats(base, 'first_step_s')[0]:.2f}x |")
     table = "\n".join(lines)
     if args.profile:
@@ -152,7 +157,8 @@ def main() -> int:
     print("\n" + table)
     append_section("training throughput: tiny-dense, float32 on CPU",
                    f"{args.examples} examples ({tokens:,} tokens) of the tiny mix, one epoch, micro-batch 8, "
-                   f"{args.rounds} interleaved rounds"
+                   f"{args.rounds} interleaved rounds; MFU = 4 x {parameters:,} parameters x tokens/s / the fp32 "
+                   f"matmul rate measured in the same run, {rate / 1e9:.0f} GFLOP/s"
                    + (f"; Axolotl {axolotl_version()} in its own environment" if "axolotl" in args.only else "")
                    + ".\n\n"
                    + table, device=f"{torch.get_num_threads()} torch threads")
