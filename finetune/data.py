@@ -1,13 +1,13 @@
 """Training data for the trainer: records -> finished token rows.
 
-The datasets a trainer gets are final when it gets it (TRL's own preparation
-is skipped): every row is the one prompt builder's chat (`core.prompt`) in the
+The datasets a trainer gets are final when it gets them (TRL's own
+preparation is skipped): every row is the one prompt builder's chat (`core.prompt`) in the
 tokenizer's template, the loss on the answer through its `<|im_end|>` and not
 the newline the template adds after it (Axolotl's `train_on_eos: turn` does
 the same, and inference stops at `<|im_end|>`), cut at `max_length`. With
-`packing`, rows are then packed best-fit-decreasing into padding-free rows of
-at most `max_length` tokens (TRL's `pack_dataset`); the collator restarts
-position ids per example, which is what keeps attention inside each example.
+`packing`, rows are then packed best-fit-decreasing into rows of at most
+`max_length` tokens (TRL's `pack_dataset`); the collator restarts position
+ids at each example, which is what keeps attention inside each example.
 """
 
 from __future__ import annotations
@@ -47,18 +47,11 @@ def labels_ending_at(labels: list[int], end_of_turn_id: int) -> list[int]:
     return labels
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def record_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
     """{input_ids, labels} of each record, as TRL tokenises a prompt/completion pair: the chat with the
     answer, trained from where it leaves the prompt-with-generation-prompt, then cut at `max_length`."""
+    from trl.data_utils import common_prefix_length  # here: the backend (Unsloth) is imported before TRL
+
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def render(record: dict, with_answer: bool) -> str:
