@@ -101,13 +101,13 @@ def main() -> int:
             raise SystemExit(f"{name}: loss {loss} differs from {first}'s {losses[first]}")
     flops = matmul_rate(device, dtype)
     active = active_parameters(model, base.config)
-    base = statistics.median(results[first])
+    reference = statistics.median(results[first])
     lines = [f"| experts implementation | tokens/s, median (min-max) | vs {first} | MFU | loss |",
              "|---|---:|---:|---:|---:|"]
     for name in args.only:
         rates = sorted(results[name])
         median = statistics.median(rates)
-        lines.append(f"| {name} | {median:.0f} ({rates[0]:.0f}-{rates[-1]:.0f}) | {median / base:.2f}x | "
+        lines.append(f"| {name} | {median:.0f} ({rates[0]:.0f}-{rates[-1]:.0f}) | {median / reference:.2f}x | "
                      f"{mfu(active, median, flops):.1%} | {losses[name]:.6f} |")
     table = "\n".join(lines)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} torch threads"

@@ -102,7 +102,7 @@ def describe_packing(report: dict) -> str:
     if not report["packing"]:
         return (f"packing off: {report['examples']:,} examples, one per row "
                 f"({report['row_fill']:.1%} of max_length on average)")
-    return (f"packing: {report['examples']:,} examples in {report['rows']:,} padding-free rows "
+    return (f"packing: {report['examples']:,} examples in {report['rows']:,} rows "
             f"({report['examples_per_row']:.2f} per row, {report['row_fill']:.1%} of max_length filled)")
 
 

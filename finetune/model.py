@@ -46,12 +46,12 @@ def choose_backend(requested: str) -> tuple[str, str]:
         return "unsloth", "requested"
     if not available:
         return "hf", "auto: unsloth is not installed (bash scripts/setup.sh installs it)"
-    if world_size() > 1 and not _has_cuda():
+    if world_size() > 1 and not has_cuda():
         return "hf", "auto: Unsloth's CPU fallback runs one process only; torchrun on CPU uses PEFT"
     return "unsloth", "auto: unsloth is installed"
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -60,7 +60,7 @@ def _has_cuda() -> bool:
 def attention_implementation(cfg: FinetuneConfig) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
-    if _has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+    if has_cuda() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -100,7 +100,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        placement = {"device_map": rank_device_map()} if _has_cuda() else {}  # CPU: Unsloth's own default
+        placement = {"device_map": rank_device_map()} if has_cuda() else {}  # CPU: Unsloth's own default
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path, max_seq_length=cfg.max_length, dtype=torch_dtype(cfg),
             load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
@@ -137,7 +137,7 @@ def local_gpu() -> int:
 def rank_device_map() -> dict | None:
     """Every weight straight onto this rank's GPU: without it each of the ranks first builds the whole
     model in host memory (4 x 61 GB for Qwen3-30B-A3B) before moving it. None on CPU."""
-    return {"": local_gpu()} if _has_cuda() else None
+    return {"": local_gpu()} if has_cuda() else None
 
 
 def quantize_experts_if_4bit(model, cfg: FinetuneConfig) -> None:

@@ -45,11 +45,12 @@ def use_experts_implementation(model, requested: str, on_gpu: bool) -> str | Non
     """Set how the fused experts of a MoE run and return the implementation in effect (None: a dense model)."""
     if not is_moe(model.config):
         return None
-    if own_experts_forward(model):
+    own = own_experts_forward(model)
+    if own:
         if requested != "auto":
             raise ConfigError(f"experts_implementation={requested} has no effect here: Unsloth runs the experts "
                               "with its own MoE kernels. Use experts_implementation=auto, or --backend hf")
-        return own_experts_forward(model)
+        return own
     chosen = auto_experts_implementation(on_gpu) if requested == "auto" else requested
     if chosen is not None:
         model.set_experts_implementation(chosen)

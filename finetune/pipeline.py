@@ -49,12 +49,6 @@ class PhaseTimer:
         say(f"[time] {name}: {self.seconds[name]:.1f}s")
 
 
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def say(text: str) -> None:
     if is_rank_zero():
         print(text, flush=True)
@@ -95,7 +89,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
         mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
     with timer("imports"):
-        from finetune.model import add_lora, load_adapter_weights, load_base
+        from finetune.model import add_lora, has_cuda, load_adapter_weights, load_base
 
         backend, backend_why = import_backend(cfg.backend)
         import transformers
@@ -114,7 +108,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     say(f"backend: {backend} ({backend_why})")
     with timer("model_load"):
         model, tokenizer = load_base(cfg, backend)
-        experts = use_experts_implementation(model, cfg.experts_implementation, _on_gpu())
+        experts = use_experts_implementation(model, cfg.experts_implementation, has_cuda())
     with timer("lora"):
         plan = plan_targets(model, cfg)
         model = add_lora(model, cfg, backend, plan)

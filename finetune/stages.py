@@ -111,6 +111,7 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
 
     on_gpu = torch.cuda.is_available()
     has_eval = has_eval and bool(cfg.eval_file)
+    flatten = flattens_packed_rows(cfg)
     args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -142,8 +143,8 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         # the datasets come finished (finetune/data.py): TRL prepares nothing
         dataset_kwargs={"skip_prepare_dataset": True},
         # Chosen here, never left to a library: unset, Unsloth's SFTConfig turns padding-free on by itself
-        packing=flattens_packed_rows(cfg),
-        padding_free=flattens_packed_rows(cfg),
+        packing=flatten,
+        padding_free=flatten,
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -158,7 +159,7 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
     )
     # Set after __post_init__: Unsloth's CPU fallback switches packing off there (it expects SDPA to mix packed
     # examples), and the rows come packed either way
-    args.packing = args.padding_free = flattens_packed_rows(cfg)
+    args.packing = args.padding_free = flatten
     return args
 
 

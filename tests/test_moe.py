@@ -43,7 +43,7 @@ def assert_moe_stage(out, stage: str, backend: str, steps: int = 3) -> dict:
 def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, backend, packing):
     """The user's command on the MoE: no crash at the evaluations, and after each generation eval the
     model trains as before it: gradient checkpointing, train mode, the tokenizer's padding side.
-    On Unsloth packed (padding-free rows, the production preset's setting), on hf padded."""
+    On Unsloth packed (the production preset's setting), on hf padded."""
     result = ok(train("--mode", "single", "--backend", backend, "output_dir=out", *MOE, f"packing={packing}",
                       "gradient_checkpointing=true", "extra_callbacks=trainer_hooks.RecordTrainingState",
                       cwd=tmp_path))
