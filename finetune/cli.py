@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from core.errors import ConfigError, UserError
 from finetune import config as config_mod
@@ -73,9 +74,15 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
             args.mode, args.preset, args.config, overrides,
             {"backend": args.backend, "deepspeed": args.deepspeed}, fixed=fixed or {},
             dry_run=args.dry_run, world=args.nproc, default_preset=default_preset or "tiny")
+        started = time.perf_counter()
+        if not args.dry_run:
+            from finetune.model import import_backend
+
+            import_backend(cfg.backend)  # Unsloth before the pipeline imports transformers, TRL and PEFT
         from finetune.pipeline import run
 
-        return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, world=args.nproc)
+        return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, world=args.nproc,
+                   import_seconds=time.perf_counter() - started)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

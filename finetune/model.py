@@ -6,6 +6,7 @@ imported only when its backend is chosen; `auto` prefers it when it imports.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -49,6 +50,31 @@ def choose_backend(requested: str) -> tuple[str, str]:
     if world_size() > 1 and not has_cuda():
         return "hf", "auto: Unsloth's CPU fallback runs one process only; torchrun on CPU uses PEFT"
     return "unsloth", "auto: unsloth is installed"
+
+
+@functools.cache
+def import_backend(requested: str) -> tuple[str, str]:
+    """(backend, why), Unsloth imported when it is the one. It patches transformers/TRL/PEFT and must come
+    before them (else it warns that "your code may run slower"), so the command line calls this before it
+    imports the pipeline; cached, the pipeline's own call returns the same answer. `auto` falls back to
+    PEFT when an installed Unsloth refuses to import (a GPU or driver it does not support, a broken
+    install); asked for by name, that is an error."""
+    backend, why = choose_backend(requested)
+    if backend != "unsloth":
+        return backend, why
+    if world_size() > 1 and has_cuda():
+        import torch
+
+        torch.cuda.set_device(local_gpu())  # Unsloth's import touches the current GPU: this rank's, not GPU 0
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # Unsloth raises more than ImportError at import (NotImplementedError, RuntimeError)
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        if requested == "unsloth":
+            raise ConfigError(f"backend 'unsloth' requested but unsloth fails to import ({problem}); "
+                              "fix the install (bash scripts/setup.sh) or use --backend hf") from None
+        return "hf", f"auto: unsloth is installed but fails to import ({problem}); training with PEFT"
+    return backend, why
 
 
 def has_cuda() -> bool:

@@ -45,7 +45,7 @@ class PhaseTimer:
     def __call__(self, name: str):
         start = time.perf_counter()
         yield
-        self.seconds[name] = round(time.perf_counter() - start, 2)
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
         say(f"[time] {name}: {self.seconds[name]:.1f}s")
 
 
@@ -55,9 +55,11 @@ def say(text: str) -> None:
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-        world: int | None = None) -> int:
-    """`world`: the dry run's number of ranks (--nproc; default: this process's world size)."""
+        world: int | None = None, import_seconds: float = 0.0) -> int:
+    """`world`: the dry run's number of ranks (--nproc; default: this process's world size).
+    `import_seconds`: what the command line spent importing the backend and this module before the call."""
     timer = PhaseTimer()
+    timer.seconds["imports"] = round(import_seconds, 2)
     files = config_mod.data_files(cfg)
     say("resolved configuration:\n" + config_mod.describe(cfg))
     init_distributed(cfg)
@@ -89,7 +91,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, d
     if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
         mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
     with timer("imports"):
-        from finetune.model import add_lora, has_cuda, load_adapter_weights, load_base
+        from finetune.model import add_lora, has_cuda, import_backend, load_adapter_weights, load_base
 
         backend, backend_why = import_backend(cfg.backend)
         import transformers
@@ -162,26 +164,6 @@ def check_expert_dropout(cfg: FinetuneConfig) -> None:
             f"lora_dropout is {cfg.lora_dropout}, but {cfg.model_name} is a MoE whose fused experts get LoRA "
             "(lora_target_parameters=auto) and PEFT cannot apply dropout to them: set lora_dropout=0, or "
             "lora_target_parameters= (empty) to leave the experts out")
-
-
-def import_backend(requested: str) -> tuple[str, str]:
-    """(backend, why), Unsloth imported when it is the one: it patches transformers/TRL/PEFT, so it comes
-    before them. `auto` falls back to PEFT when an installed Unsloth refuses to import (a GPU or driver it
-    does not support, a broken install); asked for by name, that is an error."""
-    from finetune.model import choose_backend
-
-    backend, why = choose_backend(requested)
-    if backend != "unsloth":
-        return backend, why
-    try:
-        import unsloth  # noqa: F401
-    except Exception as e:  # Unsloth raises more than ImportError at import (NotImplementedError, RuntimeError)
-        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        if requested == "unsloth":
-            raise config_mod.ConfigError(f"backend 'unsloth' requested but unsloth fails to import ({problem}); "
-                                         "fix the install (bash scripts/setup.sh) or use --backend hf") from None
-        return "hf", f"auto: unsloth is installed but fails to import ({problem}); training with PEFT"
-    return backend, why
 
 
 def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[dict]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def main(backend: str, model_name: str) -> dict:
-    from finetune.pipeline import import_backend
+    from finetune.model import import_backend
 
     backend, _ = import_backend(backend)
     import torch
