@@ -5,7 +5,7 @@
 
 Sources are committed files only: the newest bench/RESULTS.md section of each kind (appended by the
 bench scripts: `bench.tiny_runs` for the demo and parity runs, `bench/forgetting.py`,
-`bench/train_throughput.py`), `tiny/build.json` and the shipped tiny MoE's config. A figure is a README
+`bench/train_throughput.py`, `bench/generation_eval.py`), `tiny/build.json` and the shipped tiny MoE's config. A figure is a README
 pattern (one group per value; a space matches any run of whitespace, so line breaks do not matter) and
 the values as the README must write them. When the README's sentence changes, its pattern stops
 matching: that is an error too, so a figure cannot silently leave the check.
@@ -99,6 +99,14 @@ def experts_ratio() -> tuple[str, ...]:
     return (f"{rate['eager'] / rate['grouped_mm']:.2f}",)
 
 
+def generation_speedup() -> tuple[str, ...]:
+    """The batch size and batched-over-one-at-a-time ratio of the newest bench/generation_eval.py table."""
+    rows = {row[0]: row[1] for row in results("generation eval").tables[0].rows}
+    batch = next(k for k in rows if k.startswith("batched, batch ")).removeprefix("batched, batch ")
+    speedup = next(v for k, v in rows.items() if k.startswith("speed-up"))
+    return batch, f"{number(speedup.strip('*')):.1f}"
+
+
 def tiny_build_minutes() -> tuple[str, ...]:
     timings = json.loads((REPO / "tiny" / "build.json").read_text(encoding="utf-8"))["timings"]
     return (f"{sum(timings.values()) / 60:.0f}",)
@@ -181,6 +189,9 @@ FIGURES = [
     Figure("experts implementations on CPU",
            rf"`eager` trains the tiny MoE at {NUM}x `grouped_mm`", "experts implementations",
            experts_ratio),
+    Figure("generation eval: batched over one at a time",
+           rf"batches of {NUM}: {NUM}x one at a time, with identical answers", "generation eval",
+           generation_speedup),
     Figure("tiny build time", rf"rebuild tiny/ in place \(about {NUM} minutes on 2 cores\)", "tiny/build.json",
            tiny_build_minutes),
     Figure("4-bit experts of the tiny MoE",
