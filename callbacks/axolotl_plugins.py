@@ -4,17 +4,22 @@
       - callbacks.axolotl_plugins.GenerationEvalPlugin
       - callbacks.axolotl_plugins.MLflowLoggerPlugin
       - callbacks.axolotl_plugins.SeededLoraInitPlugin   # reproducible LoRA init (see the class)
+      - callbacks.axolotl_plugins.RunSummaryPlugin       # only where neither of the first two is listed
+
+Each of the first two also writes output_dir/run_summary.json at the end, in the format our trainer
+writes (core/run_summary.py), so `parity.py compare` reads both stacks' runs alike.
 
 Only the hooks they need: `get_input_args` (the YAML keys below, so Axolotl
 validates them instead of dropping them), `add_callbacks_post_trainer` (the
-callbacks need the trainer) and, for MLflow, `post_train` (close the run
-after the last log). Imports in Axolotl's environment: transformers, pydantic
-and this repository's callbacks/ and data_tools/ only.
+callbacks need the trainer) and `post_train` (the run summary; for MLflow,
+close the run after the last log). Imports in Axolotl's environment: transformers, pydantic
+and this repository's callbacks/ and core/ only.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
@@ -22,6 +27,8 @@ from pydantic import BaseModel
 
 from callbacks.generation_eval import GenerationEvalCallback
 from callbacks.mlflow_logger import MLflowLoggerCallback
+from core import run_summary
+from core.distributed import world_size
 from core.metrics import DEFAULT_FIELDS
 from core.records import atomic_write_text, file_sha256
 from core.redact import redact
@@ -58,6 +65,8 @@ def _eval_file(cfg) -> str:
 
 
 class GenerationEvalPlugin(BasePlugin):
+    trainer = None
+
     def get_input_args(self) -> str:
         return f"{__name__}.GenerationEvalArgs"
 
@@ -75,7 +84,35 @@ class GenerationEvalPlugin(BasePlugin):
                                           output_dir=cfg.output_dir, max_new_tokens=cfg.gen_eval_max_new_tokens,
                                           at_step_zero=cfg.gen_eval_on_start)
         callback.trainer = trainer  # gen_* go through trainer.log, so every logger sees them
+        self.trainer = trainer
         return [callback]
+
+    def post_train(self, cfg, model):
+        write_run_summary(cfg, self.trainer)
+
+
+class RunSummaryPlugin(BasePlugin):
+    """run_summary.json alone, for a config with neither plugin above (a training-only run)."""
+    trainer = None
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        self.trainer = trainer
+        return []
+
+    def post_train(self, cfg, model):
+        write_run_summary(cfg, self.trainer)
+
+
+def write_run_summary(cfg, trainer) -> Path:
+    """output_dir/run_summary.json in the format our trainer writes (core/run_summary.py), from the
+    trainer's log; rank 0 only. Either plugin writes it, whichever runs alone or last."""
+    out = Path(cfg.output_dir) / "run_summary.json"
+    if trainer is not None and trainer.is_world_process_zero():
+        state = trainer.state
+        run_summary.write(out, run_summary.build(
+            backend="axolotl", model=cfg.base_model, global_step=state.global_step, log_history=state.log_history,
+            world_size=world_size(), libraries=library_versions(), python=sys.version.split()[0]))
+    return out
 
 
 def _data_identity(cfg) -> dict:
@@ -114,15 +151,12 @@ class MLflowLoggerPlugin(BasePlugin):
         if self.callback is None or not self.trainer.is_world_process_zero():
             return
         out = Path(cfg.output_dir)
-        state = self.trainer.state
-        summary = {"backend": "axolotl", "global_step": state.global_step,
-                   "log_history": state.log_history}
-        atomic_write_text(out / "run_summary.json", [json.dumps(redact(summary), indent=2, default=str)])
+        summary = write_run_summary(cfg, self.trainer)
         config_copy = out / "axolotl_config.json"  # the resolved config, secrets redacted
         atomic_write_text(config_copy, [json.dumps(redact(self.callback.params.get("config", {})), indent=2,
                                                    ensure_ascii=False, default=str)])
         self.callback.log_new_artifacts(out)
-        self.callback.end(files=(config_copy, out / "run_summary.json"))
+        self.callback.end(files=(config_copy, summary))
 
 
 class SeededLoraInitPlugin(BasePlugin):

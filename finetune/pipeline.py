@@ -17,6 +17,7 @@ from pathlib import Path
 from core.distributed import is_rank_zero, world_size
 from core.metrics import HEADLINE
 from core.records import file_sha256, load_records, seeded_subset
+from core import run_summary
 from core.runinfo import library_versions
 from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
@@ -29,8 +30,7 @@ from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.selection import describe as describe_best
 from finetune.selection import describe_plan, selects_best
 from finetune.stages import (MARKER, Stage, aux_losses, checkpoint_step, distill_losses, is_complete,
-                             latest_checkpoint, losses, plan_stage_dirs, sft_trainer, stage_dir, stages_for,
-                             write_json)
+                             latest_checkpoint, plan_stage_dirs, sft_trainer, stage_dir, stages_for)
 
 SUMMARY_METRICS = (*HEADLINE, "general_loss_base", "general_loss_tuned", "general_loss_increase")
 
@@ -309,22 +309,20 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
         with timer(f"{stage.name}.forgetting_measure"):
             metrics.update(measure_forgetting(model, tokenizer, general.heldout_kind, general.heldout,
                                               cfg.max_length, cfg.eval_batch_size))
-    summary = {
-        "stage": stage.name, "mode": cfg.mode, "backend": backend, "model": cfg.model_name,
-        "global_step": trainer.state.global_step, "train_seconds": round(train_s, 1),
-        "train_losses": losses(trainer.state.log_history), "metrics": metrics,
-        "distill_losses": distill_losses(trainer.state.log_history),
-        "router_aux_loss": {**model_info["router_aux_loss"], "aux_losses": aux_losses(trainer.state.log_history)},
-        "weight_storage_bytes": model_info["weight_storage"],
-        "phase_seconds": dict(timer.seconds), "trainable_parameters": params,
-        "lora_targets": {"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
-                         "router_trained": plan.router, "expert_rank": plan.expert_rank},
-        "data": data_identity, "packing": packing, "mlflow_run_id": tracker.run_id if tracker else None,
-        "world_size": world_size(), "watchdog_dumps": watchdog.dumps,
-        "attn_implementation": attention_implementation(cfg),
-        "experts_implementation": model_info["experts_implementation"],
-        "libraries": libraries, "python": sys.version.split()[0],
-    }
+    log = trainer.state.log_history
+    summary = run_summary.build(
+        backend=backend, model=cfg.model_name, global_step=trainer.state.global_step, log_history=log,
+        metrics=metrics, stage=stage.name, mode=cfg.mode, train_seconds=round(train_s, 1),
+        distill_losses=distill_losses(log),
+        router_aux_loss={**model_info["router_aux_loss"], "aux_losses": aux_losses(log)},
+        weight_storage_bytes=model_info["weight_storage"], phase_seconds=dict(timer.seconds),
+        trainable_parameters=params,
+        lora_targets={"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
+                      "router_trained": plan.router, "expert_rank": plan.expert_rank},
+        data=data_identity, packing=packing, mlflow_run_id=tracker.run_id if tracker else None,
+        world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=attention_implementation(cfg),
+        experts_implementation=model_info["experts_implementation"], libraries=libraries,
+        python=sys.version.split()[0])
     if trainer.is_world_process_zero():
         import yaml
 
@@ -335,7 +333,7 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
             tokenizer.save_pretrained(str(out / "adapter"))
         (out / "config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False,
                                                         allow_unicode=True), encoding="utf-8")
-        write_json(out / "run_summary.json", summary)
+        run_summary.write(out / "run_summary.json", summary)
         if tracker is not None:
             chosen = summary.get("best") or {}
             logged = dict(metrics)
@@ -346,7 +344,7 @@ def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, 
             summary["mlflow_run_id"] = tracker.run_id  # created late when the server was down at the start
             if tracker.spool_counts():  # the server was unreachable for a while (or refused records)
                 summary["mlflow_spool"] = tracker.spool_counts()
-                write_json(out / "run_summary.json", summary)
+                run_summary.write(out / "run_summary.json", summary)
         (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
     trainer.accelerator.wait_for_everyone()
     release(trainer)

@@ -200,10 +200,6 @@ def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, 
     return trainer
 
 
-def losses(log_history: list[dict]) -> list[tuple[int, float]]:
-    return [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-
-
 def distill_losses(log_history: list[dict]) -> list[tuple[int, float, float]]:
     """(step, loss_task, loss_distill) of a distillation run."""
     return [(e["step"], e["loss_task"], e["loss_distill"]) for e in log_history if "loss_distill" in e]

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import run_summary
 from core.metrics import ERROR_CATEGORIES, HEADLINE, lower_is_better
 from core.records import DataError, atomic_write_text
 
@@ -120,13 +121,10 @@ def error_table(ref: dict, cand: dict, ref_name: str, cand_name: str) -> str:
 
 
 def losses_of(summary_path: str | None) -> list[tuple[int, float]]:
-    """Training losses from our run_summary.json or the Axolotl plugin's."""
+    """Training losses from a run_summary.json (ours or the Axolotl plugin's: one format)."""
     if not summary_path or not Path(summary_path).is_file():
         return []
-    data = json.loads(Path(summary_path).read_text(encoding="utf-8"))
-    if data.get("train_losses"):
-        return [tuple(x) for x in data["train_losses"]]
-    return [(e["step"], e["loss"]) for e in data.get("log_history", []) if "loss" in e and "step" in e]
+    return [tuple(x) for x in run_summary.read(Path(summary_path))["train_losses"]]
 
 
 def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources: tuple[str, str],

@@ -91,7 +91,7 @@ def run_axolotl_pair(out: Path, model: str, max_steps: int, eval_samples: int,
     # seeded LoRA init and warm up for as many steps (Axolotl rounds warmup_ratio x steps down, we up).
     changes = {"logging_steps": 1, **({"max_steps": max_steps, "save_steps": max_steps} if max_steps > 0 else {}),
                **axolotl_model_changes(model, router_aux_loss_coef),
-               "plugins": ["callbacks.axolotl_plugins.SeededLoraInitPlugin"],
+               "plugins": ["callbacks.axolotl_plugins.SeededLoraInitPlugin", "callbacks.axolotl_plugins.RunSummaryPlugin"],
                "warmup_ratio": None, "warmup_steps": tiny_warmup_steps(max_steps)}
     config = tiny_axolotl_training_config(out / "axolotl_config.yml", model_dir, out / "axolotl", **changes)
 
@@ -110,11 +110,9 @@ def run_axolotl_pair(out: Path, model: str, max_steps: int, eval_samples: int,
     }
     ours_summary = out / "ours" / "single" / "run_summary.json"
     backend = json.loads(ours_summary.read_text())["backend"]
-    states = sorted((out / "axolotl").glob("checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(p.parent.name.split("-")[1]))
     adapters = {"base": None, f"ours ({backend})": str(out / "ours" / "single" / "adapter"),
                 "axolotl": str(out / "axolotl")}
-    summaries = {f"ours ({backend})": str(ours_summary), "axolotl": str(states[-1]) if states else None}
+    summaries = {f"ours ({backend})": str(ours_summary), "axolotl": str(out / "axolotl" / "run_summary.json")}
     aux = aux_loss_settings(ours_summary, config)
     return _evaluate_and_compare(out, model, adapters, summaries, eval_samples, times,
                                  reference=f"ours ({backend})", candidate="axolotl", learnt_check=True,

@@ -1,14 +1,17 @@
 """`parity.py tokens`: do both stacks train on the same token sequences with the same loss mask?
 
 Ours: the trainer's own data path (config resolution, the one prompt builder,
-`finetune.data.stage_data`: masks, max_length truncation). Axolotl's: its own
-`load_cfg` + `load_datasets` in its environment (`axolotl_tokens`). The
-first N training examples are compared by position, in file order.
+`finetune.data.stage_data`: masks, max_length truncation, packing). Axolotl's:
+its own `load_cfg` + `load_datasets` in its environment (`axolotl_tokens`;
+with `sample_packing` Axolotl packs in its batch sampler, after this step, so
+its rows are single examples either way). The first N training examples are
+compared by position, in file order; with `packing=true` ours are packed
+first, cut back into examples at their boundaries and compared as a sorted
+list, since packing reorders them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import tempfile
@@ -26,8 +29,21 @@ class Tokenised:
     trained: list[bool]
 
 
+def unpacked(rows) -> list[Tokenised]:
+    """The examples inside packed rows (TRL's bfd packing keeps each example's length in seq_lengths)."""
+    examples = []
+    for row in rows:
+        start = 0
+        for length in row["seq_lengths"]:
+            ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]
+            examples.append(Tokenised(list(ids), [label != -100 for label in labels]))
+            start += length
+    return examples
+
+
 def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[list[Tokenised], object, object]:
-    """The first n examples as our trainer's dataset step tokenises them; also (cfg, tokenizer)."""
+    """The first n examples as our trainer's dataset step tokenises them (packed, then cut back into
+    examples, when the config packs); also (cfg, tokenizer)."""
     from finetune import config as config_mod
     from finetune.data import load_split, stage_data
     from finetune.model import load_tokenizer
@@ -39,10 +55,11 @@ def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[l
         ensure_tiny_data(config_mod.data_files(cfg))
     records = load_split(cfg.train_file, 0, cfg.seed)[:n]
     tokenizer = load_tokenizer(cfg)
-    # the trainer's own dataset step, unpacked: examples compared one by one
-    rows = [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]])
-            for r in stage_data(dataclasses.replace(cfg, packing=False), records, [], tokenizer).train]
-    return rows, cfg, tokenizer
+    data = stage_data(cfg, records, [], tokenizer)  # the trainer's own dataset step
+    if data.packed:
+        return unpacked(data.train), cfg, tokenizer
+    return [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]]) for r in data.train], \
+        cfg, tokenizer
 
 
 def axolotl_tokens(config: str, n: int, base_model_dir: str | None) -> tuple[list[Tokenised], int]:
@@ -106,6 +123,11 @@ def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axol
     theirs, total = axolotl_tokens(config_axolotl, n, base_dir)
     lines = [f"ours: {cfg.train_file} via qwen_finetune.py's data path; "
              f"axolotl: {config_axolotl} ({total:,} examples after its filters)"]
+    if cfg.packing:  # packing reorders: compare both sides in one canonical order
+        theirs = sorted(theirs[:len(ours)], key=lambda t: (t.input_ids, t.trained))
+        ours = sorted(ours, key=lambda t: (t.input_ids, t.trained))
+        lines.append(f"ours packed (packing=true, max_length {cfg.max_length}): its {len(ours)} examples cut back "
+                     "out of the packed rows, both sides sorted by tokens")
     if len(theirs) < len(ours):
         lines.append(f"Axolotl yielded {len(theirs)} examples, ours {len(ours)}: it dropped some "
                      "(longer than sequence_len?)")

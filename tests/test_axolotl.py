@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from conftest import REPO, run_cli
 
 SEED_PLAN = REPO / "tests" / "fixtures" / "seed_plan_axolotl.yml"
@@ -107,6 +109,18 @@ def test_axolotl_trains_the_tiny_config_with_both_plugins(tmp_path, mlflow_serve
         assert "gen_non_offender_extracted_rate" in metrics and "gen_error_rate/correct" in metrics
         assert any(k.startswith("gen_offender_name_set_f1/shape/") for k in metrics)
         assert (out / f"gen_errors_step{step}.md").read_text().startswith(f"# Errors at step {step}")
+
+    # run_summary.json in our trainer's format: the shared keys, the losses of every step, and the last
+    # generation eval's metrics as its own file has them
+    from core import run_summary
+
+    summary = run_summary.read(out / "run_summary.json")
+    assert summary["backend"] == "axolotl" and summary["global_step"] == 4 and summary["world_size"] == 1
+    assert [step for step, _ in summary["train_losses"]] == [1, 2, 3, 4]
+    last = json.loads((out / "gen_metrics_step4.json").read_text())
+    assert {k: v for k, v in summary["metrics"].items() if k.startswith("gen_")} == pytest.approx(
+        {k: v for k, v in last.items() if k != "step"})
+    assert "eval_loss" in summary["metrics"] and "train_runtime" in summary["metrics"]
 
     # The MLflow plugin: one finished run with params, metrics (gen_* included) and artifacts.
     from mlflow import MlflowClient

@@ -117,6 +117,15 @@ def test_tokens_shows_the_first_difference_aligned(tmp_path):
     assert len(differing) == 1 and "<|im_end|>" in differing[0] and differing[0].count("*") == 1
 
 
+def test_tokens_cuts_our_packed_rows_back_into_axolotls_examples():
+    """With packing on (the production preset's setting) every example comes back out of the packed rows
+    with the tokens and loss mask Axolotl gives it: packing drops, merges and re-masks nothing."""
+    result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "30", "--set", "packing=true")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "ours packed (packing=true, max_length 640): its 30 examples cut back" in result.stdout
+    assert "identical: input_ids and trained-token masks of all 30 compared examples" in result.stdout
+
+
 # ---------------------------------------------------------------- the pairs end to end
 def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
     out = tmp_path / "parity"

@@ -31,7 +31,10 @@ def train(*args, cwd: Path, script: str = "qwen_finetune.py", env: dict | None =
 
 
 def summary(out: Path, stage: str = "single") -> dict:
-    return json.loads((out / stage / "run_summary.json").read_text())
+    """The stage's run_summary.json, checked to hold the keys both stacks write."""
+    from core import run_summary
+
+    return run_summary.read(out / stage / "run_summary.json")
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
