@@ -79,10 +79,11 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
             from finetune.model import import_backend
 
             import_backend(cfg.backend)  # Unsloth before the pipeline imports transformers, TRL and PEFT
-        from finetune.pipeline import run
+        from finetune.pipeline import Recipe
 
-        return run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, world=args.nproc,
-                   import_seconds=time.perf_counter() - started)
+        recipe = Recipe(cfg, resume=args.resume, overwrite=args.overwrite,
+                        import_seconds=time.perf_counter() - started)
+        return recipe.run(dry_run=args.dry_run, world=args.nproc)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

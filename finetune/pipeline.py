@@ -1,7 +1,8 @@
 """The fine-tuning job, top to bottom: config -> data -> model + LoRA -> stages -> summary.
 
 `qwen_finetune.py` and `qwen_finetune_legacy.py` are thin command lines over
-`run`; the legacy one only differs by its frozen defaults.
+`Recipe(cfg).run()`; the legacy one only differs by its frozen defaults. From
+the command line to `trainer.train()`: `Recipe.run` -> `Recipe.train_stage`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.distributed import is_rank_zero, world_size
@@ -22,7 +24,7 @@ from core.runinfo import library_versions
 from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
-from finetune.data import describe_packing, length_report, stage_data
+from finetune.data import StageData, describe_packing, length_report, stage_data
 from finetune.forgetting import measure_forgetting
 from finetune.moe import TaskLossCallback, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
@@ -54,103 +56,290 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
-def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-        world: int | None = None, import_seconds: float = 0.0) -> int:
-    """`world`: the dry run's number of ranks (--nproc; default: this process's world size).
-    `import_seconds`: what the command line spent importing the backend and this module before the call."""
-    timer = PhaseTimer()
-    timer.seconds["imports"] = round(import_seconds, 2)
-    files = config_mod.data_files(cfg)
-    say("resolved configuration:\n" + config_mod.describe(cfg))
-    init_distributed(cfg)
-    if cfg.preset == "tiny" and is_rank_zero():
-        ensure_tiny_data(files)
-    _wait_for_rank_zero()
-    if dry_run:
-        from finetune.preflight import preflight
+@dataclass
+class StageInputs:
+    """What a stage trains and evaluates on: its eval records, its finished datasets, the rehearsal plan
+    (None without one) and the data's identity for the summary."""
+    eval_records: list[dict]
+    rows: StageData
+    general: object
+    identity: dict
 
-        return preflight(cfg, world or world_size())
 
-    stages = stages_for(cfg)
-    plan_stage_dirs(cfg, stages, resume, overwrite)
-    _wait_for_rank_zero()
-    todo = [s for s in stages if not is_complete(stage_dir(cfg, s))]
-    if not todo:
-        say(f"every stage in {cfg.output_dir} is already complete; nothing to do "
-            "(pass --overwrite to train again)")
-        print_summary(cfg, [json.loads((stage_dir(cfg, s) / "run_summary.json").read_text()) for s in stages])
+class Recipe:
+    """The fine-tuning job as one object, read top to bottom: `run` checks the data and config, `setup`
+    loads the model and puts LoRA on it, `train_stage` trains each stage (its finished datasets, its
+    trainer, training, the saved adapter and run summary), and the summary is printed at the end.
+    What every stage shares (config, model, LoRA plan, timer) lives on the object, decided once."""
+
+    def __init__(self, cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
+                 import_seconds: float = 0.0):
+        """`import_seconds`: what the command line spent importing the backend and this module."""
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.timer = PhaseTimer()
+        self.timer.seconds["imports"] = round(import_seconds, 2)
+
+    def run(self, dry_run: bool = False, world: int | None = None) -> int:
+        """`world`: the dry run's number of ranks (--nproc; default: this process's world size)."""
+        cfg, timer = self.cfg, self.timer
+        files = config_mod.data_files(cfg)
+        say("resolved configuration:\n" + config_mod.describe(cfg))
+        init_distributed(cfg)
+        if cfg.preset == "tiny" and is_rank_zero():
+            ensure_tiny_data(files)
+        _wait_for_rank_zero()
+        if dry_run:
+            from finetune.preflight import preflight
+
+            return preflight(cfg, world or world_size())
+
+        stages = stages_for(cfg)
+        plan_stage_dirs(cfg, stages, self.resume, self.overwrite)
+        _wait_for_rank_zero()
+        todo = [s for s in stages if not is_complete(stage_dir(cfg, s))]
+        if not todo:
+            say(f"every stage in {cfg.output_dir} is already complete; nothing to do "
+                "(pass --overwrite to train again)")
+            print_summary(cfg, [json.loads((stage_dir(cfg, s) / "run_summary.json").read_text()) for s in stages])
+            return 0
+
+        say(describe_plan(cfg))
+        with timer("data_check"):
+            self.data = read_run_data(cfg, todo)
+            if selects_best(cfg):
+                check_best_metric_reported(cfg, self.data[cfg.eval_file])
+        if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]:
+            check_expert_dropout(cfg)
+        if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
+            mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
+        self.setup()
+
+        parent = None
+        if cfg.mlflow and len(stages) > 1:  # two-stage: the stages are nested runs under one parent
+            parent = mlflow_logger(cfg, Path(cfg.output_dir), cfg.mlflow_run_name or Path(cfg.output_dir).name)
+            parent.start({"config": config_mod.to_dict(cfg), "backend": self.backend,
+                          "libraries": library_versions()})
+        summaries, previous = [], None
+        for stage in stages:
+            out = stage_dir(cfg, stage)
+            if is_complete(out):
+                say(f"{stage.name}: already complete in {out}; skipping")
+                summaries.append(json.loads((out / "run_summary.json").read_text()))
+                previous = out
+                continue
+            if previous is not None:  # an earlier stage finished in another process, or chose an earlier step
+                from finetune.model import load_adapter_weights
+
+                load_adapter_weights(self.model, previous / "adapter")
+                say(f"{stage.name}: continuing the adapter of {previous / 'adapter'} "
+                    f"(step {adapter_step(summaries[-1])})")
+            summaries.append(self.train_stage(stage, parent))
+            gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
+            _empty_cuda_cache()
+            # The model in memory carries the last step's adapter; the next stage continues the chosen one
+            previous = out if selects_best(cfg) else None
+        if parent is not None:
+            parent.end()
+        print_summary(cfg, summaries, parent.spool_counts() if parent is not None else None)
         return 0
 
-    say(describe_plan(cfg))
-    with timer("data_check"):
-        data = read_run_data(cfg, todo)
-        if selects_best(cfg):
-            check_best_metric_reported(cfg, data[cfg.eval_file])
-    if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]:
-        check_expert_dropout(cfg)
-    if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
-        mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
-    with timer("imports"):
-        from finetune.model import add_lora, has_cuda, import_backend, load_adapter_weights, load_base
+    def setup(self) -> None:
+        """The backend, the base model and its LoRA: what every stage trains."""
+        cfg, timer = self.cfg, self.timer
+        with timer("imports"):
+            from finetune.model import add_lora, has_cuda, import_backend, load_base
 
-        backend, backend_why = import_backend(cfg.backend)
-        import transformers
-        import trl  # noqa: F401
+            backend, backend_why = import_backend(cfg.backend)
+            import transformers
+            import trl  # noqa: F401
 
-        if backend == "hf":
-            from finetune import trl_cpu
+            if backend == "hf":
+                from finetune import trl_cpu
 
-            if trl_cpu.install_if_needed():
-                say("no GPU: TRL's Triton loss kernel replaced by its torch equivalent (finetune/trl_cpu.py)")
+                if trl_cpu.install_if_needed():
+                    say("no GPU: TRL's Triton loss kernel replaced by its torch equivalent (finetune/trl_cpu.py)")
 
-        import callbacks.generation_eval  # noqa: F401
-        from finetune.lora import check_trainable, plan_targets
-        from finetune.quant_experts import describe_storage, storage_by_category
-    transformers.set_seed(cfg.seed)
-    say(f"backend: {backend} ({backend_why})")
-    with timer("model_load"):
-        model, tokenizer = load_base(cfg, backend)
-        experts = use_experts_implementation(model, cfg.experts_implementation, has_cuda())
-    with timer("lora"):
-        plan = plan_targets(model, cfg)
-        model = add_lora(model, cfg, backend, plan)
-        params = check_trainable(model, plan)
-    say(f"LoRA targets: modules {plan.modules}, parameters {plan.parameters}, router "
-        f"{'trained' if plan.router else 'frozen'}; trainable {params['trainable']:,} of "
-        f"{params['total']:,} ({params['trainable_by_category']})")
-    storage = storage_by_category(model)
-    say(f"weight storage: {describe_storage(storage)}")
-    aux = router_aux_loss_setting(cfg, model.config)
-    model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts}
-    if aux["moe"]:
-        say(f"MoE router {describe_aux_loss(aux)}")
-        say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation})")
+            import callbacks.generation_eval  # noqa: F401
+            from finetune.lora import check_trainable, plan_targets
+            from finetune.quant_experts import describe_storage, storage_by_category
+        transformers.set_seed(cfg.seed)
+        say(f"backend: {backend} ({backend_why})")
+        with timer("model_load"):
+            model, tokenizer = load_base(cfg, backend)
+            experts = use_experts_implementation(model, cfg.experts_implementation, has_cuda())
+        with timer("lora"):
+            plan = plan_targets(model, cfg)
+            model = add_lora(model, cfg, backend, plan)
+            params = check_trainable(model, plan)
+        say(f"LoRA targets: modules {plan.modules}, parameters {plan.parameters}, router "
+            f"{'trained' if plan.router else 'frozen'}; trainable {params['trainable']:,} of "
+            f"{params['total']:,} ({params['trainable_by_category']})")
+        storage = storage_by_category(model)
+        say(f"weight storage: {describe_storage(storage)}")
+        aux = router_aux_loss_setting(cfg, model.config)
+        model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts}
+        if aux["moe"]:
+            say(f"MoE router {describe_aux_loss(aux)}")
+            say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation})")
+        self.backend, self.model, self.tokenizer = backend, model, tokenizer
+        self.plan, self.params, self.model_info = plan, params, model_info
 
-    parent = None
-    if cfg.mlflow and len(stages) > 1:  # two-stage: the stages are nested runs under one parent
-        parent = mlflow_logger(cfg, Path(cfg.output_dir), cfg.mlflow_run_name or Path(cfg.output_dir).name)
-        parent.start({"config": config_mod.to_dict(cfg), "backend": backend, "libraries": library_versions()})
-    summaries, previous = [], None
-    for stage in stages:
+    def stage_datasets(self, stage: Stage) -> StageInputs:
+        """The stage's records (rehearsal mixed in) and their finished datasets, with what was cut or left
+        out said before training starts."""
+        cfg, tokenizer, timer = self.cfg, self.tokenizer, self.timer
+        with timer(f"{stage.name}.data_load"):
+            train_records = seeded_subset(self.data[stage.train_file], cfg.max_train_samples, cfg.seed)
+            eval_records = (seeded_subset(self.data[cfg.eval_file], cfg.eval_max_samples, cfg.seed)
+                            if cfg.eval_file else [])
+            lengths = length_report(train_records, tokenizer, cfg.max_length)
+            general = plan_general(cfg.rehearsal_data, cfg.rehearsal_ratio, cfg.general_eval_file,
+                                   cfg.general_eval_samples, len(train_records), cfg.seed)
+        rehearsal_text: list[dict] = []
+        if general is not None and general.examples:
+            r = general.report
+            say(f"rehearsal: {r['examples']:,} {general.kind} examples from {r['file']} mixed with "
+                f"{r['task_examples']:,} task examples (share {r['share']:.1%}, {r['passes_over_pool']} passes "
+                f"over {r['pool']:,}; {r['skipped_empty_documents']} empty documents skipped)")
+            if general.kind == "records":
+                train_records = train_records + general.examples
+            else:
+                rehearsal_text = text_rows(general.examples, tokenizer, cfg.max_length)
+        if lengths["over_max_length"]:
+            say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
+                f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
+                f"token length percentiles: {lengths['tokens']}")
+        with timer(f"{stage.name}.tokenise"):
+            stage_rows = stage_data(cfg, train_records, eval_records, tokenizer, rehearsal_text)
+        say(f"{stage.name}: {describe_packing(stage_rows.report())}")
+        if stage_rows.dropped:
+            say(f"warning: {stage_rows.dropped:,} training examples left out: max_length {cfg.max_length} cuts "
+                "away their whole answer (no trained token left); raise max_length to keep them")
+        if stage_rows.eval_dropped:
+            say(f"warning: {stage_rows.eval_dropped:,} eval examples leave eval_loss: max_length {cfg.max_length} cuts "
+                "away their whole answer (the generation eval still scores them)")
+        data_identity = {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
+                         "train_examples": len(train_records), "eval_file": cfg.eval_file,
+                         "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
+                         "eval_examples": len(eval_records), "token_lengths": lengths,
+                         "sources": dict(Counter(r.get("source") or "(none)" for r in train_records)
+                                         + Counter(r["source"] for r in rehearsal_text)),
+                         "general": general.report if general else None}
+        return StageInputs(eval_records, stage_rows, general, data_identity)
+
+    def train_stage(self, stage: Stage, parent_logger=None) -> dict:
+        """One stage: its finished datasets, its trainer and callbacks, training, then (rank 0) the adapter,
+        config.yaml, run_summary.json and COMPLETE."""
+        cfg, model, tokenizer, timer = self.cfg, self.model, self.tokenizer, self.timer
+        backend, plan, params, model_info, resume = self.backend, self.plan, self.params, self.model_info, self.resume
+        from finetune.model import attention_implementation
+
+        from callbacks.generation_eval import GenerationEvalCallback
+        from callbacks.watchdog import StallWatchdog
+
         out = stage_dir(cfg, stage)
-        if is_complete(out):
-            say(f"{stage.name}: already complete in {out}; skipping")
-            summaries.append(json.loads((out / "run_summary.json").read_text()))
-            previous = out
-            continue
-        if previous is not None:  # an earlier stage finished in another process, or chose an earlier step
-            load_adapter_weights(model, previous / "adapter")
-            say(f"{stage.name}: continuing the adapter of {previous / 'adapter'} (step {adapter_step(summaries[-1])})")
-        summaries.append(train_stage(cfg, stage, data, model, tokenizer, backend, plan, params, model_info, timer,
-                                     resume, parent))
-        gc.collect()  # the finished stage's trainer (released above) before the next one builds its own
-        _empty_cuda_cache()
-        # The model in memory carries the last step's adapter; the next stage continues the chosen one
-        previous = out if selects_best(cfg) else None
-    if parent is not None:
-        parent.end()
-    print_summary(cfg, summaries, parent.spool_counts() if parent is not None else None)
-    return 0
+        inputs = self.stage_datasets(stage)
+        eval_records, stage_rows, general = inputs.eval_records, inputs.rows, inputs.general
+        data_identity, packing = inputs.identity, inputs.rows.report()
+        trainer_callbacks = [_import_object(path)() for path in cfg.extra_callbacks]
+        gen_eval = None
+        if cfg.gen_eval and eval_records:
+            gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
+                                              max_samples=cfg.gen_eval_max_samples, seed=cfg.seed, output_dir=out)
+            trainer_callbacks.append(gen_eval)
+        checkpoint = latest_checkpoint(out) if resume else None
+        best = None
+        if selects_best(cfg):
+            from finetune.best import BestAdapterCallback
+            from finetune.selection import parse_constraint
+
+            best = BestAdapterCallback(cfg.best_metric, [parse_constraint(c) for c in cfg.best_metric_constraint], out,
+                                       resume_step=checkpoint_step(checkpoint) if checkpoint else None)
+            trainer_callbacks.append(best)
+        libraries = library_versions()
+        tracker = None
+        if cfg.mlflow:
+            run_name = stage.name if parent_logger else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
+            tracker = mlflow_logger(cfg, out, run_name, parent_logger)
+            tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
+                              "data": data_identity, "packing": packing, "libraries": libraries,
+                              "trainable_parameters": params["trainable_by_category"]}
+            trainer_callbacks.append(tracker)
+        # Last: its pause over an evaluation then covers every other callback's evaluation work
+        watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out,
+                                 pause_timeout_s=cfg.watchdog_pause_s)
+        trainer_callbacks.append(watchdog)
+        with timer(f"{stage.name}.build_trainer"):
+            trainer = sft_trainer(cfg, stage, out, model, tokenizer, stage_rows, trainer_callbacks)
+        for callback in (gen_eval, best):
+            if callback is not None:
+                callback.trainer = trainer
+        # First of all callbacks, before transformers' report_to loggers: they all see loss_task next to aux_loss
+        trainer.callback_handler.callbacks.insert(0, TaskLossCallback(model_info["router_aux_loss"]["coef"]))
+        if checkpoint:
+            say(f"{stage.name}: resuming from {checkpoint}")
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_s = time.perf_counter() - start
+        if watchdog.first_step_s is not None:
+            timer.seconds[f"{stage.name}.first_optimizer_step"] = round(watchdog.first_step_s, 2)
+            say(f"[time] {stage.name}.first_optimizer_step: {watchdog.first_step_s:.1f}s")
+        for kind, (count, seconds) in watchdog.pause_totals().items():  # the pauses the watchdog did not time
+            if count:
+                timer.seconds[f"{stage.name}.{kind}"] = seconds
+                say(f"[time] {stage.name}.{kind}: {seconds:.1f}s ({count})")
+        metrics = dict(result.metrics)
+        if eval_records:
+            # The scheduled evaluation may already have run at the last step (eval_steps divides it):
+            # on a 30B model a second pass costs minutes.
+            last = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+            metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate())
+        if gen_eval is not None and gen_eval.history:
+            metrics.update({k: v for k, v in gen_eval.history[-1].items() if k != "step"})
+        if general is not None and general.heldout and trainer.is_world_process_zero():
+            with timer(f"{stage.name}.forgetting_measure"):
+                metrics.update(measure_forgetting(model, tokenizer, general.heldout_kind, general.heldout,
+                                                  cfg.max_length, cfg.eval_batch_size))
+        log = trainer.state.log_history
+        summary = run_summary.build(
+            backend=backend, model=cfg.model_name, global_step=trainer.state.global_step, log_history=log,
+            metrics=metrics, stage=stage.name, mode=cfg.mode, train_seconds=round(train_s, 1),
+            distill_losses=distill_losses(log),
+            router_aux_loss={**model_info["router_aux_loss"], "aux_losses": aux_losses(log)},
+            weight_storage_bytes=model_info["weight_storage"], phase_seconds=dict(timer.seconds),
+            trainable_parameters=params,
+            lora_targets={"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
+                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
+            data=data_identity, packing=packing, mlflow_run_id=tracker.run_id if tracker else None,
+            world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=attention_implementation(cfg),
+            experts_implementation=model_info["experts_implementation"], libraries=libraries,
+            python=sys.version.split()[0])
+        if trainer.is_world_process_zero():
+            import yaml
+
+            if best is not None:
+                summary["best"] = best.finish(trainer.state.global_step)
+            else:
+                trainer.save_model(str(out / "adapter"))
+                tokenizer.save_pretrained(str(out / "adapter"))
+            (out / "config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False,
+                                                            allow_unicode=True), encoding="utf-8")
+            run_summary.write(out / "run_summary.json", summary)
+            if tracker is not None:
+                chosen = summary.get("best") or {}
+                logged = dict(metrics)
+                if chosen.get("step") is not None:
+                    logged.update({"best_step": chosen["step"], f"best_{chosen['metric']}": chosen["value"]})
+                tracker.log_metrics(logged, trainer.state.global_step)
+                tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
+                summary["mlflow_run_id"] = tracker.run_id  # created late when the server was down at the start
+                if tracker.spool_counts():  # the server was unreachable for a while (or refused records)
+                    summary["mlflow_spool"] = tracker.spool_counts()
+                    run_summary.write(out / "run_summary.json", summary)
+            (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
+        trainer.accelerator.wait_for_everyone()
+        release(trainer)
+        return summary
 
 
 def check_expert_dropout(cfg: FinetuneConfig) -> None:
@@ -201,154 +390,6 @@ def mlflow_logger(cfg, output_dir: Path, run_name: str, parent=None):
                                 experiment=cfg.mlflow_experiment, run_name=run_name,
                                 parent=parent, require=cfg.mlflow_require,
                                 store_dir=Path(cfg.output_dir))
-
-
-def train_stage(cfg, stage: Stage, data: dict, model, tokenizer, backend, plan, params, model_info: dict, timer,
-                resume, parent_logger=None) -> dict:
-    """One stage; `data`: read_run_data's records; `model_info`: the router aux-loss setting and the weight
-    storage per category."""
-    from finetune.model import attention_implementation
-
-    from callbacks.generation_eval import GenerationEvalCallback
-    from callbacks.watchdog import StallWatchdog
-
-    out = stage_dir(cfg, stage)
-    with timer(f"{stage.name}.data_load"):
-        train_records = seeded_subset(data[stage.train_file], cfg.max_train_samples, cfg.seed)
-        eval_records = seeded_subset(data[cfg.eval_file], cfg.eval_max_samples, cfg.seed) if cfg.eval_file else []
-        lengths = length_report(train_records, tokenizer, cfg.max_length)
-        general = plan_general(cfg.rehearsal_data, cfg.rehearsal_ratio, cfg.general_eval_file,
-                               cfg.general_eval_samples, len(train_records), cfg.seed)
-    rehearsal_text: list[dict] = []
-    if general is not None and general.examples:
-        r = general.report
-        say(f"rehearsal: {r['examples']:,} {general.kind} examples from {r['file']} mixed with "
-            f"{r['task_examples']:,} task examples (share {r['share']:.1%}, {r['passes_over_pool']} passes "
-            f"over {r['pool']:,}; {r['skipped_empty_documents']} empty documents skipped)")
-        if general.kind == "records":
-            train_records = train_records + general.examples
-        else:
-            rehearsal_text = text_rows(general.examples, tokenizer, cfg.max_length)
-    if lengths["over_max_length"]:
-        say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
-            f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
-            f"token length percentiles: {lengths['tokens']}")
-    with timer(f"{stage.name}.tokenise"):
-        stage_rows = stage_data(cfg, train_records, eval_records, tokenizer, rehearsal_text)
-    packing = stage_rows.report()
-    say(f"{stage.name}: {describe_packing(packing)}")
-    if stage_rows.dropped:
-        say(f"warning: {stage_rows.dropped:,} training examples left out: max_length {cfg.max_length} cuts "
-            "away their whole answer (no trained token left); raise max_length to keep them")
-    if stage_rows.eval_dropped:
-        say(f"warning: {stage_rows.eval_dropped:,} eval examples leave eval_loss: max_length {cfg.max_length} cuts "
-            "away their whole answer (the generation eval still scores them)")
-    trainer_callbacks = [_import_object(path)() for path in cfg.extra_callbacks]
-    gen_eval = None
-    if cfg.gen_eval and eval_records:
-        gen_eval = GenerationEvalCallback(eval_records, batch_size=cfg.gen_eval_batch_size,
-                                          max_samples=cfg.gen_eval_max_samples, seed=cfg.seed, output_dir=out)
-        trainer_callbacks.append(gen_eval)
-    data_identity = {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
-                     "train_examples": len(train_records), "eval_file": cfg.eval_file,
-                     "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
-                     "eval_examples": len(eval_records), "token_lengths": lengths,
-                     "sources": dict(Counter(r.get("source") or "(none)" for r in train_records)
-                                     + Counter(r["source"] for r in rehearsal_text)),
-                     "general": general.report if general else None}
-    checkpoint = latest_checkpoint(out) if resume else None
-    best = None
-    if selects_best(cfg):
-        from finetune.best import BestAdapterCallback
-        from finetune.selection import parse_constraint
-
-        best = BestAdapterCallback(cfg.best_metric, [parse_constraint(c) for c in cfg.best_metric_constraint], out,
-                                   resume_step=checkpoint_step(checkpoint) if checkpoint else None)
-        trainer_callbacks.append(best)
-    libraries = library_versions()
-    tracker = None
-    if cfg.mlflow:
-        run_name = stage.name if parent_logger else (cfg.mlflow_run_name or Path(cfg.output_dir).name)
-        tracker = mlflow_logger(cfg, out, run_name, parent_logger)
-        tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
-                          "data": data_identity, "packing": packing, "libraries": libraries,
-                          "trainable_parameters": params["trainable_by_category"]}
-        trainer_callbacks.append(tracker)
-    # Last: its pause over an evaluation then covers every other callback's evaluation work
-    watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out,
-                             pause_timeout_s=cfg.watchdog_pause_s)
-    trainer_callbacks.append(watchdog)
-    with timer(f"{stage.name}.build_trainer"):
-        trainer = sft_trainer(cfg, stage, out, model, tokenizer, stage_rows, trainer_callbacks)
-    for callback in (gen_eval, best):
-        if callback is not None:
-            callback.trainer = trainer
-    # First of all callbacks, before transformers' report_to loggers: they all see loss_task next to aux_loss
-    trainer.callback_handler.callbacks.insert(0, TaskLossCallback(model_info["router_aux_loss"]["coef"]))
-    if checkpoint:
-        say(f"{stage.name}: resuming from {checkpoint}")
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_s = time.perf_counter() - start
-    if watchdog.first_step_s is not None:
-        timer.seconds[f"{stage.name}.first_optimizer_step"] = round(watchdog.first_step_s, 2)
-        say(f"[time] {stage.name}.first_optimizer_step: {watchdog.first_step_s:.1f}s")
-    for kind, (count, seconds) in watchdog.pause_totals().items():  # the pauses the watchdog did not time
-        if count:
-            timer.seconds[f"{stage.name}.{kind}"] = seconds
-            say(f"[time] {stage.name}.{kind}: {seconds:.1f}s ({count})")
-    metrics = dict(result.metrics)
-    if eval_records:
-        # The scheduled evaluation may already have run at the last step (eval_steps divides it):
-        # on a 30B model a second pass costs minutes.
-        last = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
-        metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate())
-    if gen_eval is not None and gen_eval.history:
-        metrics.update({k: v for k, v in gen_eval.history[-1].items() if k != "step"})
-    if general is not None and general.heldout and trainer.is_world_process_zero():
-        with timer(f"{stage.name}.forgetting_measure"):
-            metrics.update(measure_forgetting(model, tokenizer, general.heldout_kind, general.heldout,
-                                              cfg.max_length, cfg.eval_batch_size))
-    log = trainer.state.log_history
-    summary = run_summary.build(
-        backend=backend, model=cfg.model_name, global_step=trainer.state.global_step, log_history=log,
-        metrics=metrics, stage=stage.name, mode=cfg.mode, train_seconds=round(train_s, 1),
-        distill_losses=distill_losses(log),
-        router_aux_loss={**model_info["router_aux_loss"], "aux_losses": aux_losses(log)},
-        weight_storage_bytes=model_info["weight_storage"], phase_seconds=dict(timer.seconds),
-        trainable_parameters=params,
-        lora_targets={"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
-                      "router_trained": plan.router, "expert_rank": plan.expert_rank},
-        data=data_identity, packing=packing, mlflow_run_id=tracker.run_id if tracker else None,
-        world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=attention_implementation(cfg),
-        experts_implementation=model_info["experts_implementation"], libraries=libraries,
-        python=sys.version.split()[0])
-    if trainer.is_world_process_zero():
-        import yaml
-
-        if best is not None:
-            summary["best"] = best.finish(trainer.state.global_step)
-        else:
-            trainer.save_model(str(out / "adapter"))
-            tokenizer.save_pretrained(str(out / "adapter"))
-        (out / "config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False,
-                                                        allow_unicode=True), encoding="utf-8")
-        run_summary.write(out / "run_summary.json", summary)
-        if tracker is not None:
-            chosen = summary.get("best") or {}
-            logged = dict(metrics)
-            if chosen.get("step") is not None:
-                logged.update({"best_step": chosen["step"], f"best_{chosen['metric']}": chosen["value"]})
-            tracker.log_metrics(logged, trainer.state.global_step)
-            tracker.end(files=(out / "config.yaml", out / "run_summary.json"))
-            summary["mlflow_run_id"] = tracker.run_id  # created late when the server was down at the start
-            if tracker.spool_counts():  # the server was unreachable for a while (or refused records)
-                summary["mlflow_spool"] = tracker.spool_counts()
-                run_summary.write(out / "run_summary.json", summary)
-        (out / MARKER).write_text(f"{stage.name} finished at step {trainer.state.global_step}\n")
-    trainer.accelerator.wait_for_everyone()
-    release(trainer)
-    return summary
 
 
 def release(trainer) -> None:
