@@ -298,6 +298,16 @@ def missing_data(cfg: FinetuneConfig) -> list[str]:
     return out
 
 
+def check_no_expert_dropout(cfg: FinetuneConfig, why: str) -> None:
+    """PEFT has no dropout for LoRA on parameters (a MoE's fused experts): lora_dropout must be 0 then.
+    The one rule, checked as soon as it can be known: when the config names parameter targets, before
+    loading a MoE that `auto` targets (its config says so), and on the loaded model."""
+    if cfg.lora_dropout != 0:
+        raise ConfigError(f"lora_dropout must be 0, got {cfg.lora_dropout}: {why}, and PEFT cannot apply "
+                          "dropout to LoRA on fused parameters. Set lora_dropout=0, or lora_target_parameters= "
+                          "(empty) to leave the experts out")
+
+
 def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = None) -> None:
     """Every check that needs no model: fail fast, before minutes of loading.
 
@@ -325,10 +335,8 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
         raise ConfigError("'expert_lora_r' must be >= 0 (0 means: same as lora_r)")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.lora_target_parameters not in ([], ["auto"]) and cfg.lora_dropout != 0:
-        raise ConfigError("lora_dropout must be 0 when lora_target_parameters (fused MoE experts) are "
-                          "set: PEFT cannot apply dropout to parameter targets. Set lora_dropout=0, or "
-                          "lora_target_parameters= (empty) for a dense model")
+    if cfg.lora_target_parameters not in ([], ["auto"]):
+        check_no_expert_dropout(cfg, "lora_target_parameters names fused experts")
     if not 0 <= cfg.min_lr_ratio <= 1 or not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError("'min_lr_ratio' must be in [0, 1] and 'warmup_ratio' in [0, 1)")
     if cfg.max_steps < 1 and min(cfg.num_epochs, cfg.stage1_num_epochs, cfg.stage2_num_epochs) <= 0:

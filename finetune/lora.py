@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, ConfigError
+from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, ConfigError, check_no_expert_dropout
 
 CATEGORIES = ("attention", "dense_mlp", "experts", "router", "embeddings", "other")
 ROUTER_MODULE = "mlp.gate"
@@ -88,9 +88,8 @@ def plan_targets(model, cfg) -> TargetPlan:
                             "lora_target_parameters=" + ",".join(EXPERT_TARGETS) + ".")
         raise ConfigError(f"LoRA target(s) {', '.join(missing)} match nothing in {type(model).__name__}."
                           f"{experts_hint} Remove them, or use 'auto'.")
-    if params and cfg.lora_dropout != 0:
-        raise ConfigError(f"lora_dropout is {cfg.lora_dropout}, but this model's experts are fused "
-                          "parameters and PEFT cannot apply dropout to them: set lora_dropout=0")
+    if params:
+        check_no_expert_dropout(cfg, f"the LoRA targets include fused expert parameters ({', '.join(params)})")
     if not modules and not params:
         raise ConfigError("no LoRA targets left: set lora_target_modules or lora_target_parameters")
     if cfg.train_router and not any(name.endswith(ROUTER_MODULE) for name, _ in model.named_modules()):

@@ -349,10 +349,8 @@ def check_expert_dropout(cfg: FinetuneConfig) -> None:
     from finetune.preflight import load_model_config
 
     if is_moe(load_model_config(cfg)[0]):
-        raise config_mod.ConfigError(
-            f"lora_dropout is {cfg.lora_dropout}, but {cfg.model_name} is a MoE whose fused experts get LoRA "
-            "(lora_target_parameters=auto) and PEFT cannot apply dropout to them: set lora_dropout=0, or "
-            "lora_target_parameters= (empty) to leave the experts out")
+        config_mod.check_no_expert_dropout(
+            cfg, f"{cfg.model_name} is a MoE whose fused experts get LoRA (lora_target_parameters=auto)")
 
 
 def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[dict]]:

@@ -106,11 +106,11 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
 
 
 def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True):
+    """`has_eval`: whether the stage has an eval set, decided once by `sft_trainer` from its datasets."""
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    has_eval = has_eval and bool(cfg.eval_file)
     flatten = flattens_packed_rows(cfg)
     args = SFTConfig(
         output_dir=str(out),
