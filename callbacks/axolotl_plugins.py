@@ -157,6 +157,7 @@ class MLflowLoggerPlugin(BasePlugin):
                                                    ensure_ascii=False, default=str)])
         self.callback.log_new_artifacts(out)
         self.callback.end(files=(config_copy, summary))
+        self.callback = None  # Axolotl calls post_train twice (after training and after saving): end once
 
 
 class SeededLoraInitPlugin(BasePlugin):

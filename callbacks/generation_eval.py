@@ -34,13 +34,18 @@ def answer_token_budget(records: Sequence[dict], tokenizer) -> int:
     return max(gold_answer_lengths(records, tokenizer)) + ANSWER_MARGIN_TOKENS
 
 
+ANSWER_BUCKET_TOKENS = 16
+
+
 def batch_order(prompt_lengths: Sequence[int], answer_lengths: Sequence[int]) -> list[int]:
     """The order in which records are batched. A batch decodes until its longest answer ends, so a
     5-token "no offender" answer batched with 70-token ones idles for 65 steps: rows whose gold answers
-    are about as long share batches (the gold length predicts the model's once it has learnt the task;
-    it only orders the work, since each left-padded row's greedy answer is its own). Longest first, so
-    a batch too large for memory fails at once; then longest prompts first, for less padding."""
-    return sorted(range(len(prompt_lengths)), key=lambda i: (-answer_lengths[i], -prompt_lengths[i]))
+    are about as long (within ANSWER_BUCKET_TOKENS) share batches. The gold length predicts the model's
+    once it has learnt the task; it only orders the work, since each left-padded row's greedy answer is
+    its own. Longest answers first, so the batches that need the most memory come early; inside a
+    bucket, longest prompts first, for less left padding."""
+    return sorted(range(len(prompt_lengths)),
+                  key=lambda i: (-(answer_lengths[i] // ANSWER_BUCKET_TOKENS), -prompt_lengths[i]))
 
 
 def _stop_token_ids(tokenizer, model) -> list[int]:

@@ -56,6 +56,10 @@ def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[l
     records = load_split(cfg.train_file, 0, cfg.seed)[:n]
     tokenizer = load_tokenizer(cfg)
     data = stage_data(cfg, records, [], tokenizer)  # the trainer's own dataset step
+    if data.dropped:  # compared by position (or sorted), the rest would not line up with Axolotl's
+        raise DataError(f"{data.dropped} of the first {len(records)} training examples have no trained token "
+                        f"left after max_length {cfg.max_length} cuts them, and our trainer leaves them out: "
+                        "compare with a larger max_length (--set max_length=...) or fewer examples (-n)")
     if data.packed:
         return unpacked(data.train), cfg, tokenizer
     return [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]]) for r in data.train], \

@@ -8,11 +8,13 @@ from callbacks.generation_eval import batch_order, gold_answer_lengths
 
 def test_batches_group_answers_of_like_length_longest_first():
     prompts = [100, 300, 200, 150, 120, 400]
-    answers = [5, 70, 5, 64, 5, 70]
+    answers = [5, 70, 5, 66, 5, 70]
     order = batch_order(prompts, answers)
-    # longest answers first, a tie broken by the longer prompt: in batches of 3, the three long
-    # answers together and the three "no offender" ones together
+    # answers of about the same length (66 and 70: one bucket of 16 tokens) longest first, longest prompts
+    # first inside a bucket: in batches of 3, the three long answers together and the three "no offender"
+    # ones together
     assert order == [5, 1, 3, 2, 4, 0]
+    assert batch_order([100, 300], [40, 10]) == [0, 1]  # another bucket: the answer length decides
     assert batch_order([], []) == []
 
 

@@ -126,6 +126,12 @@ def test_tokens_cuts_our_packed_rows_back_into_axolotls_examples():
     assert "identical: input_ids and trained-token masks of all 30 compared examples" in result.stdout
 
 
+def test_tokens_stops_when_max_length_leaves_examples_without_a_trained_token():
+    result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "5", "--set", "max_length=40")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "of the first 5 training examples have no trained token left after max_length 40" in result.stderr
+
+
 # ---------------------------------------------------------------- the pairs end to end
 def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
     out = tmp_path / "parity"
