@@ -395,6 +395,16 @@ def seeded_subset(records: list[dict], limit: int, seed: int) -> list[dict]:
     return [records[i] for i in keep]
 
 
+def load_json(path: str | os.PathLike) -> Any:
+    """A JSON file's value; a missing or malformed file is a located DataError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: line {e.lineno}: {e.msg}") from None
+
+
 def dump_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 

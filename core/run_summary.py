@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from core.errors import DataError
-from core.records import atomic_write_text
+from core.records import atomic_write_text, load_json
 from core.redact import redact
 
 FORMAT = 1
@@ -51,13 +51,7 @@ def write(path: Path, summary: dict) -> None:
 
 def read(path: Path) -> dict:
     """A run_summary.json of either stack; a located error when it is not one."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: line {e.lineno}: {e.msg}") from None
+    data = load_json(path)
     missing = [k for k in SHARED_KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise DataError(f"{path}: not a run summary of format {FORMAT} (missing {', '.join(missing)}); "

@@ -9,13 +9,11 @@ and `--resume` continues an incomplete one from its latest checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.distributed import is_rank_zero, world_size
-from core.records import atomic_write_text
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
 
@@ -208,7 +206,3 @@ def distill_losses(log_history: list[dict]) -> list[tuple[int, float, float]]:
 def aux_losses(log_history: list[dict]) -> list[tuple[int, float, float]]:
     """(step, loss_task, aux_loss) of a MoE run with the router load-balancing loss on."""
     return [(e["step"], e["loss_task"], e["aux_loss"]) for e in log_history if "aux_loss" in e and "loss" in e]
-
-
-def write_json(path: Path, value) -> None:
-    atomic_write_text(path, [json.dumps(value, indent=2, ensure_ascii=False, default=str)])

@@ -9,13 +9,12 @@ Runs scored on different example counts are not comparable: an error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from core import run_summary
 from core.metrics import ERROR_CATEGORIES, HEADLINE, lower_is_better
-from core.records import DataError, atomic_write_text
+from core.records import DataError, atomic_write_text, load_json
 
 DEFAULT_TOLERANCES = {name: 0.02 for name in HEADLINE}
 ERRORS = "gen_error_rate/"  # the share of each error category: shown as counts in their own table
@@ -50,12 +49,7 @@ class Row:
 
 def load_metrics(path: str | Path) -> dict:
     """gen_* metrics from a gen_metrics_step*.json, a `parity.py evaluate` file or a run_summary.json."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: line {e.lineno}: {e.msg}") from None
+    data = load_json(path)
     if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
         data = data["metrics"]
     metrics = {k: v for k, v in data.items() if k.startswith("gen_") and isinstance(v, (int, float))} \
