@@ -22,21 +22,10 @@ import statistics
 import sys
 import time
 
-from bench.flops import matmul_rate, mfu
+from bench.flops import active_parameters, matmul_rate, mfu
 from bench.results import append_section
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
-
-
-def active_parameters(model, config) -> int:
-    """The base model's parameters a token goes through: all but the experts it is not routed to."""
-    total = experts = 0
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            continue
-        total += p.numel()
-        experts += p.numel() if ".experts." in name else 0
-    return total - experts + experts * config.num_experts_per_tok // config.num_local_experts
 
 
 def main() -> int:
@@ -100,7 +89,7 @@ def main() -> int:
         if abs(loss - losses[first]) > 1e-4 * abs(losses[first]):
             raise SystemExit(f"{name}: loss {loss} differs from {first}'s {losses[first]}")
     flops = matmul_rate(device, dtype)
-    active = active_parameters(model, base.config)
+    active = active_parameters(model)
     reference = statistics.median(results[first])
     lines = [f"| experts implementation | tokens/s, median (min-max) | vs {first} | MFU | loss |",
              "|---|---:|---:|---:|---:|"]

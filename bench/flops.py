@@ -29,3 +29,16 @@ def mfu(active_parameters: int, tokens_per_s: float, rate: float) -> float:
     """Model FLOP utilisation of LoRA training: forward 2N and backward to the activations 2N per token
     (no weight gradients for the frozen base), over the measured matmul rate."""
     return 4 * active_parameters * tokens_per_s / rate
+
+
+def active_parameters(model) -> int:
+    """The base model's parameters one token goes through: all but the experts it is not routed to (a
+    MoE routes each token to num_experts_per_tok of num_experts); LoRA weights left out."""
+    total = experts = 0
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            total += p.numel()
+            experts += p.numel() if ".experts." in name else 0
+    if not experts:
+        return total
+    return total - experts + experts * model.config.num_experts_per_tok // model.config.num_experts

@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from bench.flops import matmul_rate, mfu
+from bench.flops import active_parameters, matmul_rate, mfu
 from bench.results import append_section
 from core.runinfo import LIBRARIES
 MOE_CONFIG = REPO / "finetune" / "model_configs" / "Qwen3-30B-A3B-Instruct-2507.json"
@@ -118,10 +118,7 @@ def build_model(out: Path, config: dict) -> dict:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(resolve_model_path("tiny-dense")).save_pretrained(out)
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    share = config.get("num_experts_per_tok", 1) / config.get("num_experts", 1)
-    return {"total": total, "active": total - experts + int(experts * share)}
+    return {"total": sum(p.numel() for p in model.parameters()), "active": active_parameters(model)}
 
 
 def storage_label(storage: dict) -> str:
