@@ -28,6 +28,11 @@ class Tokenised:
     input_ids: list[int]
     trained: list[bool]
 
+    @classmethod
+    def of(cls, input_ids, labels) -> "Tokenised":
+        """From a row's input_ids and labels (-100: not trained)."""
+        return cls(list(input_ids), [label != -100 for label in labels])
+
 
 def unpacked(rows) -> list[Tokenised]:
     """The examples inside packed rows (TRL's bfd packing keeps each example's length in seq_lengths)."""
@@ -35,8 +40,7 @@ def unpacked(rows) -> list[Tokenised]:
     for row in rows:
         start = 0
         for length in row["seq_lengths"]:
-            ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]
-            examples.append(Tokenised(list(ids), [label != -100 for label in labels]))
+            examples.append(Tokenised.of(row["input_ids"][start:start + length], row["labels"][start:start + length]))
             start += length
     return examples
 
@@ -62,8 +66,7 @@ def our_tokens(config_file: str | None, overrides: list[str], n: int) -> tuple[l
                         "compare with a larger max_length (--set max_length=...) or fewer examples (-n)")
     if data.packed:
         return unpacked(data.train), cfg, tokenizer
-    return [Tokenised(list(r["input_ids"]), [label != -100 for label in r["labels"]]) for r in data.train], \
-        cfg, tokenizer
+    return [Tokenised.of(r["input_ids"], r["labels"]) for r in data.train], cfg, tokenizer
 
 
 def axolotl_tokens(config: str, n: int, base_model_dir: str | None) -> tuple[list[Tokenised], int]:
@@ -77,7 +80,7 @@ def axolotl_tokens(config: str, n: int, base_model_dir: str | None) -> tuple[lis
         if done.returncode != 0:
             raise DataError(f"Axolotl could not tokenise {config} (exit {done.returncode}):\n{done.stderr[-3000:]}")
         data = json.loads(out.read_text())
-    return [Tokenised(r["input_ids"], [label != -100 for label in r["labels"]]) for r in data["rows"]], data["total"]
+    return [Tokenised.of(r["input_ids"], r["labels"]) for r in data["rows"]], data["total"]
 
 
 def first_difference(ours: Tokenised, theirs: Tokenised) -> int | None:
