@@ -9,9 +9,15 @@ machine load hits them alike:
   ours-grouped  ours-unsloth with group_by_length=true (length-grouped batches,
                 less padding; off by default so parity runs draw Axolotl's batches)
   ours-packed   ours-unsloth with packing=true (several examples per padding-free
-                row of up to max_length: fewer, fuller forward passes)
+                row of up to max_length: fewer, fuller forward passes); on a CPU
+                auto attention is sdpa_varlen, each example attended on its own
+                (finetune/attention.py), and a micro-batch is one flattened sequence
+  ours-packed-sdpa  the same with attn_implementation=sdpa: rows side by side,
+                sdpa with transformers' block-diagonal mask over each whole row
   plain-trl     bench/plain_trl_sft.py (the ~40-line TRL script a user would write)
   axolotl       Axolotl 0.19 in its own environment (axolotl_configs/tiny_cpu.yml)
+  axolotl-packed  the same with sample_packing: true (its multipack sampler; rows of
+                sequence_len side by side, sdpa with transformers' block-diagonal mask)
 All train one epoch over the same first N examples of the tiny mix (LoRA r16
 on attention + MLP, micro-batch 8, max_length 640, float32, seed 3407), so
 every one processes the same tokens (token parity: `parity.py tokens`).
@@ -58,6 +64,8 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
         return ours + ["--backend", "unsloth", "group_by_length=true"], {}
     if name == "ours-packed":
         return ours + ["--backend", "unsloth", "packing=true"], {}
+    if name == "ours-packed-sdpa":
+        return ours + ["--backend", "unsloth", "packing=true", "attn_implementation=sdpa"], {}
     if name == "plain-trl":
         return [py, "-m", "bench.plain_trl_sft", model_dir, data, str(out)], {}
     import yaml
@@ -69,7 +77,7 @@ def commands(name: str, data: str, model_dir: str, out: Path) -> tuple[list[str]
     config = tiny_axolotl_training_config(
         out.parent / f"{out.name}.yml", model_dir, out, plugins=["bench.axolotl_step_timer.StepTimerPlugin"],
         save_strategy="no", save_steps=None, datasets=[{**dataset, "path": data.replace(".json", ".messages.jsonl")}],
-        **axolotl_model_changes("tiny-dense"))
+        **axolotl_model_changes("tiny-dense"), **({"sample_packing": True} if name == "axolotl-packed" else {}))
     return [str(axolotl_python()), "-m", "axolotl.cli.train", str(config)], axolotl_env()
 
 
@@ -95,8 +103,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "ours-grouped", "ours-packed", "plain-trl",
-                                                       "axolotl"])
+    p.add_argument("--only", nargs="+", default=["ours-unsloth", "ours-hf", "ours-grouped", "ours-packed",
+                                                 "ours-packed-sdpa", "plain-trl", "axolotl", "axolotl-packed"])
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown per stack")
     p.add_argument("--keep", action="store_true", help="keep the work folder (runs, per-op profile JSON)")
     args = p.parse_args()
@@ -125,7 +133,7 @@ def main() -> int:
         for name in args.only:
             res = run_once(name, data, model_dir, work)
             results[name].append(res)
-            print(f"round {r + 1}: {name:<13} first step {res['first_step_s']:6.1f}s, "
+            print(f"round {r + 1}: {name:<16} first step {res['first_step_s']:6.1f}s, "
                   f"{tokens / res['train_s']:8.0f} tokens/s ({res['steps']} steps)", flush=True)
 
     def stats(name, key):
@@ -159,7 +167,8 @@ def main() -> int:
                    f"{args.examples} examples ({tokens:,} tokens) of the tiny mix, one epoch, micro-batch 8, "
                    f"{args.rounds} interleaved rounds; MFU = 4 x {parameters:,} parameters x tokens/s / the fp32 "
                    f"matmul rate measured in the same run, {rate / 1e9:.0f} GFLOP/s"
-                   + (f"; Axolotl {axolotl_version()} in its own environment" if "axolotl" in args.only else "")
+                   + (f"; Axolotl {axolotl_version()} in its own environment"
+                      if any(n.startswith("axolotl") for n in args.only) else "")
                    + ".\n\n"
                    + table, device=f"{torch.get_num_threads()} torch threads")
     if args.keep:

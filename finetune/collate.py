@@ -1,4 +1,5 @@
-"""The collator for packed rows kept side by side (attention without a varlen kernel: sdpa, eager).
+"""The collator for packed rows kept side by side (attention that splits nothing by position ids: sdpa, eager;
+`sdpa_varlen` and FlashAttention get TRL's flattened padding-free batches instead).
 
 Imported by the trainer after the backend is chosen: it subclasses TRL's collator, which Unsloth patches.
 """

@@ -88,7 +88,32 @@ def attention_implementation(cfg: FinetuneConfig) -> str:
         return cfg.attn_implementation
     if has_cuda() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    # measured on CPU only (bench/train_throughput.py); on a GPU without flash-attn, sdpa's masked kernel
+    # may well beat one kernel launch per example
+    return "sdpa_varlen" if cfg.packing and not has_cuda() else "sdpa"
+
+
+def register_attention(cfg: FinetuneConfig) -> str:
+    """The attention implementation's name, known to transformers before a model is loaded with it."""
+    name = attention_implementation(cfg)
+    if name == "sdpa_varlen":
+        from finetune.attention import register
+
+        register()
+    return name
+
+
+def runs_unsloth_attention(model) -> bool:
+    """Whether the model's attention layers run Unsloth's own forward (its patched Llama-family models on a
+    GPU, dense Qwen3 among them). That forward ignores transformers' attention masks: packed examples stay
+    apart there only in a one-row batch, whose boundaries it reads from the position ids. Unsloth leaves
+    Qwen3-MoE to transformers' modeling, and patches nothing on a CPU."""
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "o_proj"):
+            # unsloth.models.*: its own attention; a compiled copy of transformers' modeling
+            # (unsloth_compiled_module_*) keeps transformers' attention and masks
+            return type(module).forward.__module__.startswith("unsloth.models.")
+    return False
 
 
 def torch_dtype(cfg: FinetuneConfig):
@@ -130,7 +155,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path, max_seq_length=cfg.max_length, dtype=torch_dtype(cfg),
             load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=attention_implementation(cfg), random_state=cfg.seed,
+            attn_implementation=register_attention(cfg), random_state=cfg.seed,
             use_gradient_checkpointing=False, **placement)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
@@ -139,7 +164,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
 
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": attention_implementation(cfg),
+    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": register_attention(cfg),
               "trust_remote_code": cfg.trust_remote_code, "device_map": rank_device_map()}
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig

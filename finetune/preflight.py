@@ -25,7 +25,7 @@ from finetune.moe import describe as describe_aux_loss
 from finetune.moe import router_aux_loss_setting, use_experts_implementation
 from finetune.quant_experts import describe_storage
 from finetune.selection import describe_plan
-from finetune.stages import stages_for
+from finetune.stages import flattens_packed_rows, stages_for
 
 GIB = 1024 ** 3
 REPO = Path(__file__).resolve().parent.parent
@@ -201,9 +201,10 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     """`world`: the number of ranks the run will use (--nproc, or torchrun's WORLD_SIZE)."""
     from peft import LoraConfig, get_peft_model
 
-    from finetune.model import choose_backend
+    from finetune.model import attention_implementation, choose_backend
 
     model, model_config, shipped_config = meta_model(cfg)
+    attention = attention_implementation(cfg)
     # the choice of the run this plans: on a GPU, with the backend `auto` resolves to here
     backend = choose_backend(cfg.backend)[0]
     experts = use_experts_implementation(model, cfg.experts_implementation, on_gpu=True)
@@ -243,7 +244,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
                                  for cat, kinds in storage.items()},
         "data": data, "missing_data": missing, "token_lengths": tokenizer is not None,
         "gen_eval_answer_tokens": answer_tokens, "memory_estimate_gib_per_device": memory,
-        "packing": cfg.packing, "experts_implementation": experts,
+        "packing": cfg.packing, "experts_implementation": experts, "attn_implementation": attention,
     }
     print("\n=== preflight (dry run: nothing was trained) ===")
     print(f"model        {cfg.model_name} ({report['model_class']}), {base_counts['total']:,} parameters, "
@@ -295,7 +296,10 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
               f"backend {backend})")
     packing = (f"on: several examples per padding-free row of up to {cfg.max_length} tokens" if cfg.packing
                else "off: one example per row")
-    print(f"packing      {packing} (rows counted when training starts)")
+    layout = ("; a micro-batch's rows flattened into one sequence" if flattens_packed_rows(cfg)
+              else "; rows side by side" if cfg.packing else "")
+    print(f"packing      {packing}{layout} (rows counted when training starts)")
+    print(f"attention    {attention} on this machine (attn_implementation={cfg.attn_implementation})")
     print(f"adapter      {describe_plan(cfg).removeprefix('adapter/ = ')}")
     print(json.dumps(report, ensure_ascii=False))
     return 0

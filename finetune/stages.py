@@ -103,13 +103,14 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
                               "Pass --resume to continue it, or --overwrite to start over")
 
 
-def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True):
-    """`has_eval`: whether the stage has an eval set, decided once by `sft_trainer` from its datasets."""
+def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True, model=None):
+    """`has_eval`: whether the stage has an eval set, decided once by `sft_trainer` from its datasets.
+    `model`: the model it will train, when built (flattens_packed_rows)."""
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    flatten = flattens_packed_rows(cfg)
+    flatten = flattens_packed_rows(cfg, model)
     args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -161,14 +162,19 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
     return args
 
 
-def flattens_packed_rows(cfg: FinetuneConfig) -> bool:
+def flattens_packed_rows(cfg: FinetuneConfig, model=None) -> bool:
     """Whether packed rows reach the model flattened into one padding-free sequence per micro-batch (TRL's
-    padding-free collator): right where the attention has a varlen kernel (FlashAttention; Unsloth's packing
-    on a GPU rides on it). Elsewhere (sdpa, eager) the rows stay side by side (finetune/collate.py): one
+    padding-free collator): right where the attention splits the examples by their position ids
+    (FlashAttention's varlen kernel; our sdpa_varlen), and always where Unsloth runs its own attention
+    (finetune.model.runs_unsloth_attention), which reads example boundaries from the position ids of a
+    one-row batch only. Elsewhere (sdpa, eager) the rows stay side by side (finetune/collate.py): one
     flattened micro-batch would cost (rows x max_length)^2 attention instead of rows x max_length^2."""
-    from finetune.model import attention_implementation
+    from finetune.model import attention_implementation, runs_unsloth_attention
 
-    return cfg.packing and attention_implementation(cfg).startswith(("flash_attention", "kernels-community/flash"))
+    if not cfg.packing:
+        return False
+    return (attention_implementation(cfg).startswith(("flash_attention", "kernels-community/flash", "sdpa_varlen"))
+            or (model is not None and runs_unsloth_attention(model)))
 
 
 def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, data, callbacks: list = ()):
@@ -181,7 +187,7 @@ def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, 
 
     from finetune.collate import PackedRowsCollator
 
-    args = sft_config(cfg, stage, out, has_eval=data.eval is not None)
+    args = sft_config(cfg, stage, out, has_eval=data.eval is not None, model=model)
     side_by_side = data.packed and not args.padding_free
     collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id) if side_by_side else None
     trainer_class = adapter_checkpoints(SFTTrainer if cfg.distill_lambda == 0 else

@@ -2,7 +2,7 @@
 patches transformers at import), on the backend's own model loader and LoRA, through the trainer's own
 dataset step, collator and loss:
 
-    python -m tests.packing_check BACKEND MODEL   # prints one JSON line
+    python -m tests.packing_check BACKEND MODEL [ATTENTION]   # prints one JSON line
 
 - per-token loss: every example of the trainer's first packed batch, forwarded alone, gives the same
   cross-entropy at every trained token as inside its packed row (no attention across the boundary,
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 
-def main(backend: str, model_name: str) -> dict:
+def main(backend: str, model_name: str, attention: str = "auto") -> dict:
     from finetune.model import import_backend
 
     backend, _ = import_backend(backend)
@@ -35,12 +35,13 @@ def main(backend: str, model_name: str) -> dict:
     from finetune.config import resolve
     from finetune.data import stage_data
     from finetune.lora import plan_targets
-    from finetune.model import add_lora, load_base
+    from finetune.model import add_lora, attention_implementation, load_base
     from finetune.stages import sft_trainer, stages_for
 
     def config(packing: bool):
         return resolve("single", "tiny", None, {"model_name": model_name, "eval_file": "",
-                                                "packing": str(packing), "micro_batch_size": "2"}, {}, None)
+                                                "packing": str(packing), "micro_batch_size": "2",
+                                                "attn_implementation": attention}, {}, None)
 
     cfg = config(True)
     model, tokenizer = load_base(cfg, backend)
@@ -57,7 +58,9 @@ def main(backend: str, model_name: str) -> dict:
         data = stage_data(config(packing), records, [], tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = sft_trainer(config(packing), stages_for(cfg)[0], Path(tmp), model, tokenizer, data)
-            return trainer, data, list(trainer.get_train_dataloader())
+            # on the model's device, as the Trainer moves them (the check also runs on CUDA: tests/test_gpu.py)
+            return trainer, data, [{k: v.to(model.device) for k, v in batch.items()}
+                                   for batch in trainer.get_train_dataloader()]
 
     trainer, packed, packed_batches = batches(True)
     first = packed_batches[0]
@@ -80,7 +83,7 @@ def main(backend: str, model_name: str) -> dict:
     with torch.no_grad():
         logits = model(**{k: v for k, v in first.items() if k != "labels"}).logits
         flat_ids = torch.cat([first["input_ids"][r, b:e] for r, (b, e) in real])[None]
-        flat_pos = torch.cat([torch.arange(e - b) for _, (b, e) in real])[None]
+        flat_pos = torch.cat([torch.arange(e - b, device=model.device) for _, (b, e) in real])[None]
         flat_logits = model(input_ids=flat_ids, position_ids=flat_pos).logits[0]
         # the control: one running position over a row lets every example see the ones before it
         leaky = model(input_ids=first["input_ids"]).logits
@@ -110,7 +113,8 @@ def main(backend: str, model_name: str) -> dict:
     plain_grad = epoch_gradient(plain_trainer, plain_batches)
     scale = max(float(g.abs().max()) for g in plain_grad.values())
     grad_diff = max(float((packed_grad[n] - plain_grad[n]).abs().max()) for n in plain_grad) / scale
-    return {"backend": backend, "model": model_name, "examples_in_first_batch": len(real),
+    return {"backend": backend, "model": model_name, "attention": attention_implementation(cfg),
+            "model_attention": model.config._attn_implementation, "examples_in_first_batch": len(real),
             "rows_in_first_batch": int(first["input_ids"].shape[0]), "collator": type(trainer.data_collator).__name__,
             "trained_tokens_checked": trained, "max_token_loss_diff": worst,
             "max_token_loss_diff_flattened": worst_flat,
@@ -122,4 +126,4 @@ def main(backend: str, model_name: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2])))
+    print(json.dumps(main(*sys.argv[1:])))

@@ -14,20 +14,28 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("backend", ["hf", "unsloth"])
-@pytest.mark.parametrize("model", ["tiny-moe", "tiny-dense"])
-def test_a_packed_batch_is_the_same_computation_as_its_examples_alone(backend, model):
-    done = subprocess.run([sys.executable, "tests/packing_check.py", backend, model], cwd=REPO, text=True,
-                          capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+@pytest.mark.parametrize("backend,model,attention", [
+    ("hf", "tiny-moe", "auto"), ("unsloth", "tiny-moe", "auto"), ("hf", "tiny-dense", "auto"),
+    ("unsloth", "tiny-dense", "auto"), ("unsloth", "tiny-moe", "sdpa")])
+def test_a_packed_batch_is_the_same_computation_as_its_examples_alone(backend, model, attention):
+    done = subprocess.run([sys.executable, "tests/packing_check.py", backend, model, attention], cwd=REPO,
+                          text=True, capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["backend"] == backend and r["model"] == model
     assert r["packed_report"]["rows"] < r["plain_report"]["rows"] == 16  # it did pack
-    # on CPU (sdpa) the rows stay side by side, without an attention mask (positions restart per example)
-    assert r["collator"] == "PackedRowsCollator" and r["rows_in_first_batch"] == 2 and not r["has_attention_mask"]
+    assert r["model_attention"] == r["attention"] and not r["has_attention_mask"]
+    if attention == "auto":
+        # on a CPU, auto attends each packed example on its own (sdpa_varlen), so TRL's padding-free collator
+        # flattens the micro-batch into one sequence, as with FlashAttention
+        assert r["attention"] == "sdpa_varlen"
+        assert r["collator"] == "DataCollatorForLanguageModeling" and r["rows_in_first_batch"] == 1
+    else:
+        # with sdpa's block-diagonal mask the rows stay side by side; positions restart per example
+        assert r["collator"] == "PackedRowsCollator" and r["rows_in_first_batch"] == 2
     assert r["examples_in_first_batch"] >= 4
-    # every trained token's loss inside its packed row equals its loss with the example alone, and so does
-    # the same batch flattened into one padding-free sequence (the FlashAttention layout) ...
+    # every trained token's loss inside the trainer's packed batch equals its loss with the example alone, and
+    # so does the same batch flattened into one padding-free sequence (the FlashAttention layout) ...
     assert r["trained_tokens_checked"] > 100 and r["max_token_loss_diff"] < 1e-4
     assert r["max_token_loss_diff_flattened"] < 1e-4
     # ... which a row without restarted positions does not give (the check can fail)

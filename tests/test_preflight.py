@@ -50,6 +50,9 @@ def test_production_preset_dry_run_works_offline(tmp_path):
         assert "packing      on: several examples per padding-free row of up to 1536 tokens" in out
         assert "experts      unsloth on a GPU (experts_implementation=auto, backend unsloth)" in out
         assert runs[name]["packing"] is True and runs[name]["experts_implementation"] == "unsloth"
+        # attention as chosen on this machine: no GPU, so packed examples are attended one by one by sdpa
+        assert "rows flattened into one sequence" in out and runs[name]["attn_implementation"] == "sdpa_varlen"
+        assert "attention    sdpa_varlen on this machine (attn_implementation=auto)" in out
         outputs[name] = out
     # the README shows these lines of the same two reports: they are what the command prints today
     readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()

@@ -76,7 +76,8 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     cores shared by the ranks; the tiny sets get none (spawning costs more than it saves); an explicit
     value always wins. The trainer prepares nothing itself: the datasets come finished."""
     from finetune.data import tokenising_processes
-    from finetune.stages import sft_config, stages_for
+    from finetune.model import attention_implementation
+    from finetune.stages import flattens_packed_rows, sft_config, stages_for
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert tokenising_processes(0, 3_000) is None and tokenising_processes(0, 9_999) is None
@@ -88,12 +89,38 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     args = sft_config(resolve_with("ddp_timeout=5400"), stages_for(resolve_with())[0], Path("o"))
     assert args.ddp_timeout == 5400 and args.dataset_kwargs == {"skip_prepare_dataset": True}
     assert args.packing is False and args.padding_free is False  # never Unsloth's automatic choice
-    # packed rows are flattened into one padding-free sequence only where the attention has a varlen kernel
-    sdpa = sft_config(resolve_with("packing=true"), stages_for(resolve_with())[0], Path("o"))
+    # packed rows are flattened into one padding-free sequence only where the attention splits the examples
+    # by position ids: auto on a CPU is sdpa_varlen (finetune/attention.py) when packing
+    sdpa = sft_config(resolve_with("packing=true", "attn_implementation=sdpa"), stages_for(resolve_with())[0],
+                      Path("o"))
     assert sdpa.packing is False and sdpa.padding_free is False  # side by side (finetune/collate.py)
+    auto = resolve_with("packing=true")
+    assert attention_implementation(auto) == "sdpa_varlen" and attention_implementation(resolve_with()) == "sdpa"
+    varlen = sft_config(auto, stages_for(resolve_with())[0], Path("o"))
+    assert varlen.packing is True and varlen.padding_free is True
+    # Unsloth's own attention (its patched dense Qwen3 on a GPU) ignores the masks: flattened there too
+    patched = unsloth_patched_model("unsloth.models.qwen3")
+    assert sft_config(resolve_with("packing=true", "attn_implementation=sdpa"), stages_for(resolve_with())[0],
+                      Path("o"), model=patched).padding_free is True
+    assert flattens_packed_rows(resolve_with("packing=true", "attn_implementation=sdpa"),
+                                unsloth_patched_model("unsloth_compiled_module_qwen3_moe")) is False
+    assert flattens_packed_rows(resolve_with(), patched) is False  # nothing packed, nothing to flatten
     flash = sft_config(resolve_with("packing=true", "attn_implementation=flash_attention_2"),
                        stages_for(resolve_with())[0], Path("o"))
     assert flash.packing is True and flash.padding_free is True
+
+
+def unsloth_patched_model(forward_module: str):
+    """A model whose attention class's forward comes from `forward_module`, as Unsloth's patches leave it."""
+    import torch
+
+    def forward(self, hidden_states):
+        return hidden_states
+
+    forward.__module__ = forward_module
+    attention = type("Qwen3Attention", (torch.nn.Module,), {"forward": forward})()
+    attention.o_proj = torch.nn.Linear(2, 2)
+    return torch.nn.Sequential(attention)
 
 
 def test_preset_follows_the_same_precedence_as_every_key(tmp_path):
