@@ -1,7 +1,7 @@
 """Generation eval throughput: batched (left padding) vs one example at a time.
 
     .venv/bin/python -m bench.generation_eval [--examples 64] [--batch-size 32] [--model tiny-moe]
-                                              [--adapter outputs/tiny/single/adapter]
+                                              [--adapter outputs/tiny/single/adapter] [--static-cache]
 
 Both sides run `callbacks.generation_eval.generate_answers` on the same
 validation records with the same settings (greedy, the same max_new_tokens
@@ -10,7 +10,9 @@ both alike; the ratio of examples/s is the figure. The answers must agree
 (a check, not a timing). `--profile` adds torch.profiler self time per
 example by kind of op for both modes. Also the share of batched decoding steps spent on rows whose
 answer had already ended, for the batch order used (by gold answer length) and for ordering by prompt
-length alone, counted from the same answers. Appends the figures to bench/RESULTS.md.
+length alone, counted from the same answers. `--static-cache` also times the batched side with a static
+KV cache (transformers' `cache_implementation="static"`) and checks its answers against the dynamic
+cache's. Appends the figures to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def main() -> int:
                         "trained model's do; '' for the bare base model)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of both modes")
     p.add_argument("--device", default=None, help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--static-cache", action="store_true",
+                   help="also time the batched side with transformers' static KV cache (preallocated to the "
+                        "longest prompt + max_new_tokens, cache_implementation='static'), interleaved")
     args = p.parse_args()
 
     import torch
@@ -78,9 +83,20 @@ def main() -> int:
     records = prepare.validation_mix(synth.generate(0, "val", "positive", args.examples - half, held_out_names=True),
                                      synth.generate(0, "val", "negative", half, held_out_names=True), 0.5, seed=1)
     budget = answer_token_budget(records, tokenizer)
-    timings = {"batched": [], "one_by_one": [], "batched_prefill": [], "one_by_one_prefill": []}
+    timings = {"batched": [], "one_by_one": [], "batched_prefill": [], "one_by_one_prefill": [], "static": []}
     answers = {}
+
+    def batched_with_static_cache():
+        model.generation_config.cache_implementation = "static"
+        start = time.perf_counter()
+        answers["static"] = generate_answers(model, tokenizer, records, batch_size=args.batch_size,
+                                             max_new_tokens=budget)
+        timings["static"].append(time.perf_counter() - start)
+        model.generation_config.cache_implementation = None
+
     for _ in range(args.rounds):
+        if args.static_cache:
+            batched_with_static_cache()
         for name, batch in (("batched", args.batch_size), ("one_by_one", 1)):
             start = time.perf_counter()
             answers[name] = generate_answers(model, tokenizer, records, batch_size=batch, max_new_tokens=budget)
@@ -90,7 +106,7 @@ def main() -> int:
             start = time.perf_counter()
             generate_answers(model, tokenizer, records, batch_size=batch, max_new_tokens=1)
             timings[name + "_prefill"].append(time.perf_counter() - start)
-    median = {k: statistics.median(v) for k, v in timings.items()}
+    median = {k: statistics.median(v) for k, v in timings.items() if v}
     rate = {k: len(records) / median[k] for k in ("batched", "one_by_one")}
     prefill_share = {k: median[k + "_prefill"] / median[k] for k in ("batched", "one_by_one")}
     bound = median["one_by_one"] / median["batched_prefill"]
@@ -111,6 +127,13 @@ def main() -> int:
     print(f"prompt pass (prefill) share of the time: batched {prefill_share['batched']:.0%}, one at a time "
           f"{prefill_share['one_by_one']:.0%}; speed-up bound if decoding cost nothing: {bound:.1f}x")
     print("decoding row-steps on rows already ended: " + ", ".join(f"{k} {v:.0%}" for k, v in idle.items()))
+    static = ""
+    if args.static_cache:
+        same = sum(a["prediction"] == b["prediction"] for a, b in zip(answers["static"], answers["batched"]))
+        static = (f"| batched with a static KV cache | {len(records) / median['static']:.1f} examples/s, "
+                  f"{median['batched'] / median['static']:.2f}x the dynamic cache; identical answers "
+                  f"{same}/{len(records)} |\n")
+        print(static.strip("|\n "))
 
     title = ("generation eval: " + args.model
              + (f" + {args.adapter}" if args.adapter and Path(args.adapter).is_dir() else ""))
@@ -124,7 +147,7 @@ def main() -> int:
                f"{prefill_share['one_by_one']:.0%} |\n"
                f"| speed-up bound with free decoding (one-at-a-time time / batched prompt pass) | {bound:.1f}x |\n"
                f"| decoding row-steps on rows already ended, batches ordered {' / '.join(idle)} | "
-               + " / ".join(f"{v:.0%}" for v in idle.values()) + " |\n")
+               + " / ".join(f"{v:.0%}" for v in idle.values()) + " |\n" + static)
     if args.profile:
         kinds = {}
         for name, batch in (("batched", args.batch_size), ("one at a time", 1)):

@@ -20,6 +20,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "sdpa_varlen"
+# The models whose mask functions this was checked against (tests/test_attention.py): their masks are
+# causal, plus padding and packing, and nothing else (no sliding window, image blocks or other overlays)
+MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 
 def varlen_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
@@ -33,10 +36,13 @@ def varlen_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attent
 
 def example_lengths(position_ids: torch.Tensor, batch: int, length: int) -> list[int]:
     """Lengths of the examples in `batch` rows of `length` tokens, read row after row: an example starts at
-    each position id 0 and at each row's start."""
+    each row's start and wherever the position id does not follow the one before (a restart at 0 in TRL's
+    packed rows; as transformers' find_packed_sequence_indices splits)."""
     flat = position_ids.expand(batch, -1).reshape(-1)
-    starts = set((flat == 0).nonzero().flatten().tolist()) | set(range(0, batch * length, length))
-    bounds = sorted(starts) + [batch * length]
+    breaks = torch.ones_like(flat, dtype=torch.bool)
+    breaks[1:] = flat[1:] != flat[:-1] + 1
+    breaks[::length] = True
+    bounds = breaks.nonzero().flatten().tolist() + [batch * length]
     return [end - start for start, end in zip(bounds, bounds[1:])]
 
 
@@ -52,7 +58,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
                          "attn_implementation=sdpa for this model")
     batch, heads, length, dim = query.shape
     lengths = example_lengths(position_ids, batch, length)
-    if len(lengths) == batch == 1:
+    if len(lengths) == batch:  # one example per row: one causal call for the whole batch
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
 
     def examples(t):  # (batch, h, length, dim) -> one (1, h, n, dim) per example; split's backward is one cat

@@ -103,6 +103,15 @@ def register_attention(cfg: FinetuneConfig) -> str:
     return name
 
 
+def check_attention(model, cfg: FinetuneConfig) -> None:
+    from finetune.attention import MODEL_TYPES, NAME
+
+    model_type = model.config.model_type
+    if attention_implementation(cfg) == NAME and model_type not in MODEL_TYPES:
+        raise ConfigError(f"attn_implementation={NAME} is checked on {', '.join(MODEL_TYPES)} only, and "
+                          f"{cfg.model_name} is {model_type}; set attn_implementation=sdpa")
+
+
 def runs_unsloth_attention(model) -> bool:
     """Whether the model's attention layers run Unsloth's own forward (its patched Llama-family models on a
     GPU, dense Qwen3 among them). That forward ignores transformers' attention masks: packed examples stay
@@ -159,6 +168,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
             use_gradient_checkpointing=False, **placement)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
+        check_attention(model, cfg)
         quantize_experts_if_4bit(model, cfg)
         return model, tokenizer
 
@@ -173,6 +183,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(cfg))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    check_attention(model, cfg)
     quantize_experts_if_4bit(model, cfg)
     return model, load_tokenizer(cfg)
 

@@ -40,6 +40,8 @@ def test_example_lengths_split_at_each_restart_and_at_each_row():
     assert example_lengths(torch.tensor([[0, 1, 0, 0], [3, 4, 0, 1]]), 2, 4) == [2, 1, 1, 2, 2]
     # position ids given once for every row (unsqueezed, not expanded)
     assert example_lengths(torch.tensor([[0, 1, 2]]), 2, 3) == [3, 3]
+    # any jump starts an example, as transformers reads packed position ids, not only a restart at 0
+    assert example_lengths(torch.tensor([[0, 1, 2, 5, 6, 7]]), 1, 6) == [3, 3]
 
 
 @pytest.mark.parametrize("position_ids", [
@@ -80,6 +82,36 @@ def test_with_a_mask_or_a_cache_it_is_plain_sdpa():
     assert varlen_mask(1, 6, 6) is None
     padded = varlen_mask(1, 6, 6, attention_mask=torch.tensor([[False, True, True, True, True, True]]))
     assert padded is not None and padded.shape == (1, 1, 6, 6) and not padded[0, 0, :, 0].any()
+
+
+def test_rows_of_one_example_each_take_one_batched_call(monkeypatch):
+    """An unpadded batch without packing (generation's prompt pass on equal-length prompts): one sdpa call,
+    not one per row."""
+    import finetune.attention as attention
+
+    calls = []
+    real = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    position_ids = torch.arange(5)[None]
+    query, key, value = packed_inputs(position_ids.expand(3, -1), requires_grad=False)
+    got, _ = sdpa_varlen_forward(Heads(), query, key, value, None, position_ids=position_ids)
+    assert calls == [query.shape]
+    torch.testing.assert_close(got, block_causal_reference(query, key, value, position_ids))
+    calls.clear()
+    sdpa_varlen_forward(Heads(), query, key, value, None, position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+    assert len(calls) == 6  # two examples in each of three rows
+
+
+def test_models_it_was_not_checked_on_are_refused():
+    from types import SimpleNamespace
+
+    from finetune.config import ConfigError, resolve
+    from finetune.model import check_attention
+
+    cfg = resolve("single", "tiny", None, {"eval_file": "", "packing": "true"}, {}, None)
+    check_attention(SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe")), cfg)
+    with pytest.raises(ConfigError, match="set attn_implementation=sdpa"):
+        check_attention(SimpleNamespace(config=SimpleNamespace(model_type="gemma3")), cfg)
 
 
 def test_sliding_window_models_are_refused_with_the_setting_to_use():
