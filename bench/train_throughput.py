@@ -24,7 +24,8 @@ every one processes the same tokens (token parity: `parity.py tokens`).
 Figures: trained tokens per second (real tokens of the epoch / time from
 train begin to the last optimizer step) and time to the first optimizer step
 from process launch (imports, model load, tokenisation included); medians
-with min-max, and each as a ratio to plain TRL; MFU against the fp32 matmul
+with min-max, and each as a ratio to plain TRL, both of the medians and paired (the median of each
+round's ratio to the plain TRL run beside it); MFU against the fp32 matmul
 rate measured in the same run (bench/flops.py). Appends to bench/RESULTS.md.
 `--profile`: one more run per stack with steps 3-5 under torch.profiler, and
 its self CPU time by kind of op (matmul, attention, loss, optimizer, ...).
@@ -143,13 +144,16 @@ def main() -> int:
     base = "plain-trl" if "plain-trl" in results else args.only[0]
     base_tps = tokens / stats(base, "train_s")[0]
     rate = matmul_rate()  # measured after the runs, in the same process: the denominator of MFU
-    lines = [f"| stack | trained tokens/s, median (min-max) | vs {base} | MFU | first optimizer step, s "
-             f"| vs {base} |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| stack | trained tokens/s, median (min-max) | vs {base} | same round vs {base}, median (min-max) "
+             f"| MFU | first optimizer step, s | vs {base} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.only:
         tps = sorted(tokens / x["train_s"] for x in results[name])
         median = statistics.median(tps)
         first = stats(name, "first_step_s")
+        # paired: each round's ratio to the base run just beside it, which drifts in machine load cancel
+        paired = sorted(b["train_s"] / x["train_s"] for x, b in zip(results[name], results[base]))
         lines.append(f"| {name} | {median:.0f} ({tps[0]:.0f}-{tps[-1]:.0f}) | {median / base_tps:.2f}x | "
+                     f"{statistics.median(paired):.2f}x ({paired[0]:.2f}-{paired[-1]:.2f}) | "
                      f"{mfu(parameters, median, rate):.1%} | {first[0]:.1f} ({first[1]:.1f}-{first[2]:.1f}) | "
                      f"{first[0] / stats(base, 'first_step_s')[0]:.2f}x |")
     table = "\n".join(lines)

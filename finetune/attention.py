@@ -3,7 +3,7 @@
 Packed examples must not attend to each other. With plain sdpa, transformers turns the restarting position
 ids into a block-diagonal mask over the whole row (masking_utils.find_packed_sequence_indices): every
 row costs max_length^2 attention with an explicit mask, whatever its examples' lengths. Here each example
-(a run of positions starting at 0) is attended on its own with sdpa's causal kernel, so a packed row costs
+(a run of consecutive position ids) is attended on its own with sdpa's causal kernel, so a packed row costs
 the sum of its examples' squared lengths, as FlashAttention's varlen kernel does, and the rows can be
 flattened into one padding-free sequence like TRL's collator gives FlashAttention. Same numbers as the
 masked path (tests/test_attention.py); measured in bench/train_throughput.py.

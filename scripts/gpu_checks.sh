@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one call, for a lent GPU machine whose Python has torch/transformers/accelerate but
-# not the rest of our stack: `bash scripts/gpu_checks.sh [STEPS...]` (default: smoke pytest bench).
+# not the rest of our stack: `bash scripts/gpu_checks.sh [STEPS...]` (default: smoke packing pytest bench).
 #   smoke   the tiny MoE the user's way (--mode single, generation eval on padded batches of 4, packing,
 #           gradient checkpointing) on Unsloth and hf, bf16 and 4-bit; then --mode two-stage on Unsloth
+#   packing the packed-batch check on CUDA (each trained token's loss as with its example alone; Unsloth's
+#           own attention on dense Qwen3 gets flattened rows): tests/test_gpu.py -k packed_examples
 #   pytest  pytest -m gpu (Qwen3-30B-A3B's widths, 2 layers: train, evaluate, checkpoint, --resume)
 #   bench   python -m bench.gpu (tokens/s, MFU, peak memory, evaluation seconds)
 # The missing packages come as one tarball, .whl/site.tgz (built by scripts/gpu_site.sh), unpacked to
@@ -12,7 +14,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 LOGS=$(mktemp -d)
-STEPS=${*:-smoke pytest bench}
+STEPS=${*:-smoke packing pytest bench}
 BUDGET_S=${BUDGET_S:-520}  # keep under the call's timeout_s: a killed script returns no table
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
@@ -70,6 +72,8 @@ for step in $STEPS; do
       model_name=tiny-moe max_train_samples=16 max_steps=2 eval_steps=1 eval_max_samples=8 \
       gen_eval_max_samples=8 gen_eval_batch_size=4 micro_batch_size=4 "output_dir=$LOGS/out-two-stage"
     ;;
+  packing)
+    run_step "packing-gpu" 200 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k packed_examples ;;
   pytest)
     run_step "pytest-gpu" 330 $PY -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py ;;
   bench)
