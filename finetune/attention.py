@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "sdpa_varlen"
+from finetune.config import SDPA_VARLEN as NAME
 # The models whose mask functions this was checked against (tests/test_attention.py): their masks are
 # causal, plus padding and packing, and nothing else (no sliding window, image blocks or other overlays)
 MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -71,7 +71,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
 
 
 def register() -> str:
-    """Make `attn_implementation="sdpa_varlen"` known to transformers (idempotent); returns the name."""
+    """Make `attn_implementation=NAME` known to transformers (idempotent); returns the name."""
     from trl.trainer import sft_trainer
 
     AttentionInterface.register(NAME, sdpa_varlen_forward)

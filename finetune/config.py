@@ -19,7 +19,8 @@ from core.errors import ConfigError
 
 MODES = ("single", "two-stage")
 BACKENDS = ("auto", "unsloth", "hf")
-ATTENTION = ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3")
+SDPA_VARLEN = "sdpa_varlen"  # ours: each packed example attended on its own (finetune/attention.py)
+ATTENTION = ("auto", "sdpa", SDPA_VARLEN, "eager", "flash_attention_2", "flash_attention_3")
 EXPERTS = ("auto", "eager", "batched_mm", "grouped_mm")
 DTYPES = ("bfloat16", "float16", "float32")
 # The model's own template is what Axolotl's `chat_template: tokenizer_default`

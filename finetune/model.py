@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from core.distributed import local_rank, world_size
-from finetune.config import TINY_MODELS, ConfigError, FinetuneConfig
+from finetune.config import SDPA_VARLEN, TINY_MODELS, ConfigError, FinetuneConfig
 from finetune.lora import TargetPlan
 
 # config.json of models this repository knows, named after the model (the last part of its hub id):
@@ -90,13 +90,13 @@ def attention_implementation(cfg: FinetuneConfig) -> str:
         return "flash_attention_2"
     # measured on CPU only (bench/train_throughput.py); on a GPU without flash-attn, sdpa's masked kernel
     # may well beat one kernel launch per example
-    return "sdpa_varlen" if cfg.packing and not has_cuda() else "sdpa"
+    return SDPA_VARLEN if cfg.packing and not has_cuda() else "sdpa"
 
 
 def register_attention(cfg: FinetuneConfig) -> str:
     """The attention implementation's name, known to transformers before a model is loaded with it."""
     name = attention_implementation(cfg)
-    if name == "sdpa_varlen":
+    if name == SDPA_VARLEN:
         from finetune.attention import register
 
         register()
@@ -104,11 +104,11 @@ def register_attention(cfg: FinetuneConfig) -> str:
 
 
 def check_attention(model, cfg: FinetuneConfig) -> None:
-    from finetune.attention import MODEL_TYPES, NAME
+    from finetune.attention import MODEL_TYPES
 
     model_type = model.config.model_type
-    if attention_implementation(cfg) == NAME and model_type not in MODEL_TYPES:
-        raise ConfigError(f"attn_implementation={NAME} is checked on {', '.join(MODEL_TYPES)} only, and "
+    if attention_implementation(cfg) == SDPA_VARLEN and model_type not in MODEL_TYPES:
+        raise ConfigError(f"attn_implementation={SDPA_VARLEN} is checked on {', '.join(MODEL_TYPES)} only, and "
                           f"{cfg.model_name} is {model_type}; set attn_implementation=sdpa")
 
 

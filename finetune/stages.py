@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.distributed import is_rank_zero, world_size
 from finetune import config as config_mod
-from finetune.config import ConfigError, FinetuneConfig
+from finetune.config import SDPA_VARLEN, ConfigError, FinetuneConfig
 
 MARKER = "COMPLETE"
 
@@ -173,7 +173,7 @@ def flattens_packed_rows(cfg: FinetuneConfig, model=None) -> bool:
 
     if not cfg.packing:
         return False
-    return (attention_implementation(cfg).startswith(("flash_attention", "kernels-community/flash", "sdpa_varlen"))
+    return (attention_implementation(cfg).startswith(("flash_attention", "kernels-community/flash", SDPA_VARLEN))
             or (model is not None and runs_unsloth_attention(model)))
 
 
