@@ -2,7 +2,7 @@
 patches transformers at import), on the backend's own model loader and LoRA, through the trainer's own
 dataset step, collator and loss:
 
-    python -m tests.packing_check BACKEND MODEL [ATTENTION]   # prints one JSON line
+    python -m tests.packing_check BACKEND MODEL [ATTENTION]   # prints one JSON line; tests call run()
 
 - per-token loss: every example of the trainer's first packed batch, forwarded alone, gives the same
   cross-entropy at every trained token as inside its packed row (no attention across the boundary,
@@ -16,9 +16,21 @@ dataset step, collator and loss:
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: int = 600) -> dict:
+    """The check in a fresh interpreter (Unsloth patches at import); its JSON result."""
+    done = subprocess.run([sys.executable, str(Path(__file__)), *args], cwd=REPO, text=True, capture_output=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(backend: str, model_name: str, attention: str = "auto") -> dict:

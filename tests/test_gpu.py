@@ -116,13 +116,9 @@ def test_packed_examples_stay_apart_on_cuda(backend, model):
     ignores transformers' masks and reads example boundaries from the position ids of a one-row batch only,
     so there the rows must arrive flattened (finetune/stages.flattens_packed_rows); it leaves Qwen3-MoE to
     transformers' modeling. Either way each trained token's loss must equal its loss with the example alone."""
-    import os
-    import subprocess
+    from packing_check import run as packing_check
 
-    done = subprocess.run([sys.executable, "tests/packing_check.py", backend, model], cwd=REPO, text=True,
-                          capture_output=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = packing_check(backend, model, timeout=900)
     if (backend, model) == ("unsloth", "tiny-dense"):
         assert r["rows_in_first_batch"] == 1 and r["collator"] == "DataCollatorForLanguageModeling", r
     assert r["examples_in_first_batch"] >= 4 and r["control_diff_without_restart"] > 0.1

@@ -4,24 +4,16 @@ The finished rows are also checked against TRL's own preparation of the same rec
 TRL's dataset step, so the tokens it trains on must be the ones TRL would have made.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO
+from packing_check import run as packing_check
 
 
 @pytest.mark.parametrize("backend,model,attention", [
     ("hf", "tiny-moe", "auto"), ("unsloth", "tiny-moe", "auto"), ("hf", "tiny-dense", "auto"),
     ("unsloth", "tiny-dense", "auto"), ("unsloth", "tiny-moe", "sdpa")])
 def test_a_packed_batch_is_the_same_computation_as_its_examples_alone(backend, model, attention):
-    done = subprocess.run([sys.executable, "tests/packing_check.py", backend, model, attention], cwd=REPO,
-                          text=True, capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = packing_check(backend, model, attention)
     assert r["backend"] == backend and r["model"] == model
     assert r["packed_report"]["rows"] < r["plain_report"]["rows"] == 16  # it did pack
     assert r["model_attention"] == r["attention"] and not r["has_attention_mask"]
