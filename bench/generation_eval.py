@@ -86,26 +86,22 @@ def main() -> int:
     timings = {"batched": [], "one_by_one": [], "batched_prefill": [], "one_by_one_prefill": [], "static": []}
     answers = {}
 
-    def batched_with_static_cache():
-        model.generation_config.cache_implementation = "static"
+    def timed(key: str, batch: int, max_new_tokens: int = budget) -> list[dict]:
         start = time.perf_counter()
-        answers["static"] = generate_answers(model, tokenizer, records, batch_size=args.batch_size,
-                                             max_new_tokens=budget)
-        timings["static"].append(time.perf_counter() - start)
-        model.generation_config.cache_implementation = None
+        out = generate_answers(model, tokenizer, records, batch_size=batch, max_new_tokens=max_new_tokens)
+        timings[key].append(time.perf_counter() - start)
+        return out
 
     for _ in range(args.rounds):
         if args.static_cache:
-            batched_with_static_cache()
+            model.generation_config.cache_implementation = "static"
+            answers["static"] = timed("static", args.batch_size)
+            model.generation_config.cache_implementation = None
         for name, batch in (("batched", args.batch_size), ("one_by_one", 1)):
-            start = time.perf_counter()
-            answers[name] = generate_answers(model, tokenizer, records, batch_size=batch, max_new_tokens=budget)
-            timings[name].append(time.perf_counter() - start)
+            answers[name] = timed(name, batch)
             # What dominates: the prompt pass (one new token) costs the same per example whatever the
             # batch, so it bounds the speed-up batching can give on a compute-bound CPU.
-            start = time.perf_counter()
-            generate_answers(model, tokenizer, records, batch_size=batch, max_new_tokens=1)
-            timings[name + "_prefill"].append(time.perf_counter() - start)
+            timed(name + "_prefill", batch, max_new_tokens=1)
     median = {k: statistics.median(v) for k, v in timings.items() if v}
     rate = {k: len(records) / median[k] for k in ("batched", "one_by_one")}
     prefill_share = {k: median[k + "_prefill"] / median[k] for k in ("batched", "one_by_one")}
