@@ -106,10 +106,16 @@ def register_attention(cfg: FinetuneConfig) -> str:
 def check_attention(model, cfg: FinetuneConfig) -> None:
     from finetune.attention import MODEL_TYPES
 
+    if attention_implementation(cfg) != SDPA_VARLEN:
+        return
     model_type = model.config.model_type
-    if attention_implementation(cfg) == SDPA_VARLEN and model_type not in MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise ConfigError(f"attn_implementation={SDPA_VARLEN} is checked on {', '.join(MODEL_TYPES)} only, and "
                           f"{cfg.model_name} is {model_type}; set attn_implementation=sdpa")
+    if getattr(model.config, "sliding_window", None) is not None:  # before training, not at its first step
+        raise ConfigError(f"attn_implementation={SDPA_VARLEN} has no sliding-window attention, and "
+                          f"{cfg.model_name} uses a sliding window of {model.config.sliding_window}; "
+                          "set attn_implementation=sdpa")
 
 
 def runs_unsloth_attention(model) -> bool:
