@@ -103,18 +103,20 @@ def register_attention(cfg: FinetuneConfig) -> str:
     return name
 
 
-def check_attention(model, cfg: FinetuneConfig) -> None:
+def check_attention(model_config, cfg: FinetuneConfig) -> None:
+    """Refuse sdpa_varlen on a model it was not checked on, from the model's config: called before the
+    weights load (finetune/pipeline.check_model_config) and by the dry run."""
     from finetune.attention import MODEL_TYPES
 
     if attention_implementation(cfg) != SDPA_VARLEN:
         return
-    model_type = model.config.model_type
+    model_type = model_config.model_type
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"attn_implementation={SDPA_VARLEN} is checked on {', '.join(MODEL_TYPES)} only, and "
                           f"{cfg.model_name} is {model_type}; set attn_implementation=sdpa")
-    if getattr(model.config, "sliding_window", None) is not None:  # before training, not at its first step
+    if getattr(model_config, "sliding_window", None) is not None:  # else a ValueError at the first step
         raise ConfigError(f"attn_implementation={SDPA_VARLEN} has no sliding-window attention, and "
-                          f"{cfg.model_name} uses a sliding window of {model.config.sliding_window}; "
+                          f"{cfg.model_name} uses a sliding window of {model_config.sliding_window}; "
                           "set attn_implementation=sdpa")
 
 
@@ -174,7 +176,6 @@ def load_base(cfg: FinetuneConfig, backend: str):
             use_gradient_checkpointing=False, **placement)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
-        check_attention(model, cfg)
         quantize_experts_if_4bit(model, cfg)
         return model, tokenizer
 
@@ -189,7 +190,6 @@ def load_base(cfg: FinetuneConfig, backend: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(cfg))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    check_attention(model, cfg)
     quantize_experts_if_4bit(model, cfg)
     return model, load_tokenizer(cfg)
 

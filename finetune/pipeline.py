@@ -108,8 +108,7 @@ class Recipe:
             self.data = read_run_data(cfg, todo)
             if selects_best(cfg):
                 check_best_metric_reported(cfg, self.data[cfg.eval_file])
-        if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]:
-            check_expert_dropout(cfg)
+        check_model_config(cfg)
         if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
             mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
         self.setup()
@@ -342,15 +341,23 @@ class Recipe:
         return summary
 
 
-def check_expert_dropout(cfg: FinetuneConfig) -> None:
-    """`auto` targets put LoRA on a MoE's fused experts, where PEFT has no dropout: known from the model's
-    config (cache, shipped copy or hub), so said before minutes of loading instead of after."""
+def check_model_config(cfg: FinetuneConfig) -> None:
+    """Settings the model cannot take, known from its config (cache, shipped copy or hub), so said before
+    minutes of loading instead of after: dropout on `auto` targets that put LoRA on a MoE's fused experts
+    (PEFT has no dropout there), sdpa_varlen on a model it was not checked on."""
+    from finetune.config import SDPA_VARLEN
+    from finetune.model import attention_implementation, check_attention
     from finetune.moe import is_moe
     from finetune.preflight import load_model_config
 
-    if is_moe(load_model_config(cfg)[0]):
+    expert_dropout = cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]
+    if not expert_dropout and attention_implementation(cfg) != SDPA_VARLEN:
+        return
+    model_config = load_model_config(cfg)[0]
+    if expert_dropout and is_moe(model_config):
         config_mod.check_no_expert_dropout(
             cfg, f"{cfg.model_name} is a MoE whose fused experts get LoRA (lora_target_parameters=auto)")
+    check_attention(model_config, cfg)
 
 
 def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict[str, list[dict]]:

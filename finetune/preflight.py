@@ -65,7 +65,7 @@ def load_model_config(cfg: FinetuneConfig):
     if shipped:
         return AutoConfig.from_pretrained(str(shipped), **kwargs), shipped
     if not hub_reachable():
-        raise ConfigError(f"dry run: no config for {cfg.model_name}: it is not in the Hugging Face cache, "
+        raise ConfigError(f"no config for {cfg.model_name}: it is not in the Hugging Face cache, "
                           "finetune/model_configs/ ships none, and the hub is unreachable (HF_HUB_OFFLINE or "
                           f"no network). Fetch it where the hub is reachable (hf download {cfg.model_name} "
                           "config.json), or set model_name to a local model folder")
@@ -73,7 +73,7 @@ def load_model_config(cfg: FinetuneConfig):
         return AutoConfig.from_pretrained(path, **kwargs), None
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"dry run: cannot load the config of {cfg.model_name} from the hub: "
+        raise ConfigError(f"cannot load the config of {cfg.model_name} from the hub: "
                           f"{first_line}") from None
 
 
@@ -201,9 +201,10 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     """`world`: the number of ranks the run will use (--nproc, or torchrun's WORLD_SIZE)."""
     from peft import LoraConfig, get_peft_model
 
-    from finetune.model import attention_implementation, choose_backend
+    from finetune.model import attention_implementation, check_attention, choose_backend
 
     model, model_config, shipped_config = meta_model(cfg)
+    check_attention(model_config, cfg)
     attention = attention_implementation(cfg)
     # the choice of the run this plans: on a GPU, with the backend `auto` resolves to here
     backend = choose_backend(cfg.backend)[0]

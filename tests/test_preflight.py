@@ -91,7 +91,7 @@ def test_unknown_model_offline_is_one_error_line(tmp_path):
     result = offline_dry_run(tmp_path, *PRESET, "model_name=nobody/no-such-model")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: dry run: no config for nobody/no-such-model")
+    assert len(errors) == 1 and errors[0].startswith("error: no config for nobody/no-such-model")
     assert "hub is unreachable" in errors[0]
 
 

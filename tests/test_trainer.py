@@ -121,6 +121,20 @@ def test_dropout_on_auto_expert_targets_stops_before_the_model_loads(tmp_path):
              *SMALL, "max_steps=1", "gen_eval=false", cwd=tmp_path))  # a dense model takes dropout
 
 
+def test_sdpa_varlen_on_a_sliding_window_model_stops_before_the_model_loads(tmp_path):
+    from transformers import Qwen3Config
+
+    # a config and no weights: a run that tried to load them would fail with another error
+    Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, vocab_size=3000, use_sliding_window=True,
+                sliding_window=64).save_pretrained(tmp_path / "windowed")
+    result = train("--mode", "single", "--backend", "hf", "output_dir=out", "model_name=windowed", "packing=true",
+                   "attn_implementation=sdpa_varlen", *SMALL, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "windowed uses a sliding window of 64; set attn_implementation=sdpa" in result.stderr
+    assert "[time] imports" not in result.stdout and "backend:" not in result.stdout
+
+
 def test_bad_record_stops_the_run_before_the_model_loads(tmp_path):
     from data_tools.synth import generate
 
