@@ -133,6 +133,16 @@ def runs_unsloth_attention(model) -> bool:
     return False
 
 
+# The model types Unsloth (2026.10.9, unsloth/models/loader.py) loads into its own modeling on a GPU; the
+# others, qwen3_moe among them, go to its FastModel, which keeps transformers' modeling and masks
+UNSLOTH_OWN_MODELING = ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3")
+
+
+def expects_unsloth_attention(model_type: str, backend: str) -> bool:
+    """What runs_unsloth_attention will find once the model has loaded, for the dry run."""
+    return backend == "unsloth" and has_cuda() and model_type in UNSLOTH_OWN_MODELING
+
+
 def torch_dtype(cfg: FinetuneConfig):
     import torch
 

@@ -201,7 +201,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     """`world`: the number of ranks the run will use (--nproc, or torchrun's WORLD_SIZE)."""
     from peft import LoraConfig, get_peft_model
 
-    from finetune.model import attention_implementation, check_attention, choose_backend
+    from finetune.model import attention_implementation, check_attention, choose_backend, expects_unsloth_attention
 
     model, model_config, shipped_config = meta_model(cfg)
     check_attention(model_config, cfg)
@@ -297,7 +297,8 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
               f"backend {backend})")
     packing = (f"on: several examples per padding-free row of up to {cfg.max_length} tokens" if cfg.packing
                else "off: one example per row")
-    layout = ("; a micro-batch's rows flattened into one sequence" if flattens_packed_rows(cfg)
+    flattened = flattens_packed_rows(cfg) or expects_unsloth_attention(model_config.model_type, backend)
+    layout = ("; a micro-batch's rows flattened into one sequence" if flattened
               else "; rows side by side" if cfg.packing else "")
     print(f"packing      {packing}{layout} (rows counted when training starts)")
     print(f"attention    {attention} on this machine (attn_implementation={cfg.attn_implementation})")

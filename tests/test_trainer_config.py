@@ -105,6 +105,15 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     assert flattens_packed_rows(resolve_with("packing=true", "attn_implementation=sdpa"),
                                 unsloth_patched_model("unsloth_compiled_module_qwen3_moe")) is False
     assert flattens_packed_rows(resolve_with(), patched) is False  # nothing packed, nothing to flatten
+    # the dry run, without the model, expects it from the model type: dense Qwen3 on Unsloth on a GPU
+    from finetune import model as model_mod
+
+    monkeypatch.setattr(model_mod, "has_cuda", lambda: True)
+    assert model_mod.expects_unsloth_attention("qwen3", "unsloth")
+    assert not model_mod.expects_unsloth_attention("qwen3_moe", "unsloth")
+    assert not model_mod.expects_unsloth_attention("qwen3", "hf")
+    monkeypatch.setattr(model_mod, "has_cuda", lambda: False)
+    assert not model_mod.expects_unsloth_attention("qwen3", "unsloth")  # Unsloth patches nothing on a CPU
     flash = sft_config(resolve_with("packing=true", "attn_implementation=flash_attention_2"),
                        stages_for(resolve_with())[0], Path("o"))
     assert flash.packing is True and flash.padding_free is True
