@@ -141,9 +141,11 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         ddp_timeout=cfg.ddp_timeout,  # also given to the process group (pipeline.init_distributed)
         # the datasets come finished (finetune/data.py): TRL prepares nothing
         dataset_kwargs={"skip_prepare_dataset": True},
-        # Chosen here, never left to a library: unset, Unsloth's SFTConfig turns padding-free on by itself
-        packing=flatten,
-        padding_free=flatten,
+        # Chosen here, never left to a library: unset, Unsloth's SFTConfig turns padding-free on by itself.
+        # Set below, after __post_init__, where Unsloth's CPU fallback turns packing off with a message that
+        # does not hold here (it expects sdpa to mix packed examples); libraries read them at trainer init
+        packing=False,
+        padding_free=False,
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -156,8 +158,6 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         save_only_model=False,  # resume needs the optimizer and scheduler state
         disable_tqdm=False,
     )
-    # Set after __post_init__: Unsloth's CPU fallback switches packing off there (it expects SDPA to mix packed
-    # examples), and the rows come packed either way
     args.packing = args.padding_free = flatten
     return args
 

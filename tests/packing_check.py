@@ -26,11 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, timeout: int = 600) -> dict:
-    """The check in a fresh interpreter (Unsloth patches at import); its JSON result."""
+    """The check in a fresh interpreter (Unsloth patches at import); its JSON result, with what it printed
+    before (`printed`)."""
     done = subprocess.run([sys.executable, str(Path(__file__)), *args], cwd=REPO, text=True, capture_output=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    *printed, result = done.stdout.strip().splitlines()
+    return {**json.loads(result), "printed": "\n".join(printed)}
 
 
 def main(backend: str, model_name: str, attention: str = "auto") -> dict:
