@@ -72,7 +72,7 @@ def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: i
     order = batch_order([len(p) for p in prompts], gold)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     results: list[dict | None] = [None] * len(records)
     try:
         with without_router_logits(model):  # once per call: the walk over modules is not free
@@ -253,6 +253,45 @@ def _unsloth_loaded() -> bool:
     return "unsloth" in sys.modules
 
 
+def input_device(model):
+    """Where a forward's inputs go: the output head's device, as the trainer's batches go to the GPU. Not the
+    first parameter's: that is the input embedding, which Unsloth keeps in host RAM on a GPU short of memory
+    (offload_embedding, with hooks that move the ids there), and the rest of the forward runs on the GPU."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def _unsloth_mode_switches(model):
+    """(for_inference, for_training) of a model Unsloth loaded, else None: the ones Unsloth binds to the model
+    itself first (a model its FastModel loads, Qwen3-MoE, has FastBaseModel's), else FastLanguageModel's,
+    which are FastLlamaModel's."""
+    if not _unsloth_loaded():
+        return None
+    own = (getattr(model, "for_inference", None), getattr(model, "for_training", None))
+    if all(callable(f) for f in own):
+        return own
+    from unsloth import FastLanguageModel
+
+    return (lambda: FastLanguageModel.for_inference(model), lambda: FastLanguageModel.for_training(model))
+
+
+def _compile_stance():
+    """torch.compile's stance (process-wide). Unsloth's compiled generate leaves it at eager_on_recompile
+    on a GPU, and not every for_training of Unsloth's puts it back: every recompile in later training
+    steps would then run eager, silently. Read where torch's own set_stance keeps it; None if it moved."""
+    from torch._dynamo import eval_frame
+
+    return getattr(eval_frame, "_stance", None)
+
+
+def _set_compile_stance(stance) -> None:
+    from torch._dynamo import eval_frame
+
+    if stance is not None and hasattr(eval_frame, "_set_stance"):
+        eval_frame._set_stance(stance)
+
+
 def _router_configs(model) -> list:
     """The (text) configs of an MoE model that carry `output_router_logits`."""
     configs = []
@@ -304,19 +343,17 @@ def generation_mode(model, tokenizer=None):
     checkpointing = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
     tokenizers = _tokenizers(model, tokenizer)
     padding = [t.padding_side for t in tokenizers]
+    stance = _compile_stance()
     model.eval()
-    unsloth = _unsloth_loaded()
-    if unsloth:
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_inference(model)
+    switches = _unsloth_mode_switches(model)
+    if switches:
+        switches[0]()
     try:
         yield
     finally:
-        if unsloth:
-            from unsloth import FastLanguageModel
-
-            FastLanguageModel.for_training(model)  # undoes its inference patching (fast LoRA, caches)
+        if switches:
+            switches[1]()  # undoes its inference patching (fast LoRA, caches)
+        _set_compile_stance(stance)
         for module, value in checkpointing.items():
             module.gradient_checkpointing = value
         model.train(was_training)

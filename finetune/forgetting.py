@@ -9,6 +9,7 @@ an instruction record).
 
 from __future__ import annotations
 
+from callbacks.generation_eval import input_device
 from finetune.data import record_rows
 from finetune.rehearsal import text_rows
 
@@ -18,7 +19,7 @@ def token_loss(model, rows: list[dict], pad_id: int, batch_size: int, desc: str)
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):

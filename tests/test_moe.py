@@ -42,10 +42,12 @@ def assert_moe_stage(out, stage: str, backend: str, steps: int = 3) -> dict:
 @pytest.mark.parametrize("backend, packing", [("hf", "false"), ("unsloth", "true")])
 def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, backend, packing):
     """The user's command on the MoE: no crash at the evaluations, and after each generation eval the
-    model trains as before it: gradient checkpointing, train mode, the tokenizer's padding side.
+    model trains as before it: gradient checkpointing, train mode, the tokenizer's padding side, use_cache and
+    torch.compile's stance.
     On Unsloth packed (the production preset's setting), on hf padded."""
     result = ok(train("--mode", "single", "--backend", backend, "output_dir=out", *MOE, f"packing={packing}",
-                      "gradient_checkpointing=true", "extra_callbacks=trainer_hooks.RecordTrainingState",
+                      "gradient_checkpointing=true",
+                      "extra_callbacks=trainer_hooks.RecordTrainingState,trainer_hooks.EagerStanceInGenerate",
                       cwd=tmp_path))
     s = assert_moe_stage(tmp_path / "out", "single", backend)
     assert s["experts_implementation"] == "eager" and "MoE experts run as eager" in result.stdout  # auto, CPU
@@ -70,6 +72,10 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
     assert [r["step"] for r in rows] == [1, 2, 3]
     before = {k: v for k, v in rows[0].items() if k != "step"}
     assert any(v > 0 for k, v in before["checkpointing"].items() if k != "False"), before  # it is on
+    # also as before: the config's use_cache (a KV cache makes transformers drop packed-sequence masks) and
+    # the compile stance, which Unsloth's compiled generate leaves at eager_on_recompile on a GPU (else every
+    # later recompile runs eager; trainer_hooks.EagerStanceInGenerate does the same here)
+    assert before["compile_stance"] == "default"
     for later in rows[1:]:  # steps 2 and 3 follow a generation eval
         assert {k: v for k, v in later.items() if k != "step"} == before
     saved = json.loads((tmp_path / "out" / "single" / "adapter" / "tokenizer_config.json").read_text())

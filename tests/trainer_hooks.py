@@ -52,12 +52,31 @@ class RecordTrainingState(TrainerCallback):
         import json
         from pathlib import Path
 
+        from torch._dynamo import eval_frame
+
         flags = collections.Counter(str(m.gradient_checkpointing) for m in model.modules()
                                     if hasattr(m, "gradient_checkpointing"))
         row = {"step": state.global_step, "checkpointing": dict(sorted(flags.items())), "training": model.training,
-               "padding_side": processing_class.padding_side}
+               "padding_side": processing_class.padding_side, "use_cache": model.config.use_cache,
+               "compile_stance": eval_frame._stance.stance}
         with open(Path(args.output_dir) / "training_state.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class EagerStanceInGenerate(TrainerCallback):
+    """Does to torch.compile's stance what Unsloth's compiled generate does on a GPU (unsloth_zoo/compiler.py):
+    leaves it at eager_on_recompile. On this CPU nothing is compiled, so it is set here, in generate."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        generate = model.generate
+
+        def eager_after(*a, **kw):
+            torch.compiler.set_stance("eager_on_recompile")
+            return generate(*a, **kw)
+
+        model.generate = eager_after
 
 
 class SlowEvaluationAndSave(TrainerCallback):
