@@ -54,8 +54,8 @@ class FinetuneConfig:
     # precision / memory
     load_in_4bit: bool = False  # two-stage sets it (NF4, double quant)
     dtype: str = "bfloat16"
-    # auto: flash_attention_2 when flash-attn imports on a GPU; on a CPU with packing, sdpa_varlen (each packed
-    # example attended on its own, finetune/attention.py); else sdpa
+    # auto: flash_attention_2 when flash-attn imports on a GPU and dtype is 16-bit; on a CPU with packing,
+    # sdpa_varlen (each packed example attended on its own, finetune/attention.py); else sdpa
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = True
     max_length: int = 1536
@@ -333,6 +333,9 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
                 "logging_steps", "eval_steps", "save_steps", "eval_batch_size", "gen_eval_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.attn_implementation.startswith("flash_attention") and cfg.dtype == "float32":
+        raise ConfigError(f"attn_implementation={cfg.attn_implementation} computes in bfloat16/float16 only, "
+                          "and dtype is float32: set dtype=bfloat16, or attn_implementation=auto")
     if cfg.packing and cfg.group_by_length:
         raise ConfigError("packing and group_by_length both remove padding; packed rows are already full, "
                           "so choose one: packing=true group_by_length=false (or packing=false)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 
 from core.distributed import local_rank, world_size
@@ -86,11 +87,29 @@ def has_cuda() -> bool:
 def attention_implementation(cfg: FinetuneConfig) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
-    if has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+    if has_cuda() and cfg.dtype != "float32" and flash_attention_works():
         return "flash_attention_2"
     # measured on CPU only (bench/train_throughput.py); on a GPU without flash-attn, sdpa's masked kernel
     # may well beat one kernel launch per example
     return SDPA_VARLEN if cfg.packing and not has_cuda() else "sdpa"
+
+
+@functools.cache
+def flash_attention_works() -> bool:
+    """flash-attn 2 is installed (transformers' check: the package, >= 2.3.3, CUDA) and its CUDA extension
+    imports: a build for another torch fails there ("undefined symbol"), not at find_spec."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as e:  # ImportError, OSError (a missing CUDA library)
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"flash-attn is installed but does not import ({first_line}); attention falls back to sdpa",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def register_attention(cfg: FinetuneConfig) -> str:

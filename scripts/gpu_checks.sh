@@ -4,7 +4,8 @@
 #   smoke   the tiny MoE the user's way (--mode single, generation eval on padded batches of 4, packing,
 #           gradient checkpointing) on Unsloth and hf, bf16 and 4-bit; then --mode two-stage on Unsloth
 #   packing the packed-batch check on CUDA (each trained token's loss as with its example alone; Unsloth's
-#           own attention on dense Qwen3 gets flattened rows): tests/test_gpu.py -k packed_examples
+#           own attention on dense Qwen3 gets flattened rows; the MoE in bf16 on auto attention, flash-attn
+#           where it imports): tests/test_gpu.py -k packed_examples
 #   pytest  pytest -m gpu (Qwen3-30B-A3B's widths, 2 layers: train, evaluate, checkpoint, --resume)
 #   bench   python -m bench.gpu (tokens/s, MFU, peak memory, evaluation seconds)
 # The missing packages come as one tarball, .whl/site.tgz (built by scripts/gpu_site.sh), unpacked to
@@ -73,7 +74,7 @@ for step in $STEPS; do
       gen_eval_max_samples=8 gen_eval_batch_size=4 micro_batch_size=4 "output_dir=$LOGS/out-two-stage"
     ;;
   packing)
-    run_step "packing-gpu" 200 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k packed_examples ;;
+    run_step "packing-gpu" 300 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k packed_examples ;;
   pytest)
     run_step "pytest-gpu" 330 $PY -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py ;;
   bench)

@@ -2,7 +2,7 @@
 patches transformers at import), on the backend's own model loader and LoRA, through the trainer's own
 dataset step, collator and loss:
 
-    python -m tests.packing_check BACKEND MODEL [ATTENTION]   # prints one JSON line; tests call run()
+    python -m tests.packing_check BACKEND MODEL [ATTENTION [DTYPE]]   # one JSON line; tests call run()
 
 - per-token loss: every example of the trainer's first packed batch, forwarded alone, gives the same
   cross-entropy at every trained token as inside its packed row (no attention across the boundary,
@@ -35,7 +35,7 @@ def run(*args: str, timeout: int = 600) -> dict:
     return {**json.loads(result), "printed": "\n".join(printed)}
 
 
-def main(backend: str, model_name: str, attention: str = "auto") -> dict:
+def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "float32") -> dict:
     from finetune.model import import_backend
 
     backend, _ = import_backend(backend)
@@ -55,7 +55,7 @@ def main(backend: str, model_name: str, attention: str = "auto") -> dict:
     def config(packing: bool):
         return resolve("single", "tiny", None, {"model_name": model_name, "eval_file": "",
                                                 "packing": str(packing), "micro_batch_size": "2",
-                                                "attn_implementation": attention}, {}, None)
+                                                "attn_implementation": attention, "dtype": dtype}, {}, None)
 
     cfg = config(True)
     model, tokenizer = load_base(cfg, backend)

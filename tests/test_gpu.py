@@ -119,9 +119,29 @@ def test_packed_examples_stay_apart_on_cuda(backend, model):
     from packing_check import run as packing_check
 
     r = packing_check(backend, model, timeout=900)
+    assert r["model_attention"] == r["attention"] == "sdpa", r  # float32: flash-attn has no kernel for it
     if (backend, model) == ("unsloth", "tiny-dense"):
         assert r["rows_in_first_batch"] == 1 and r["collator"] == "DataCollatorForLanguageModeling", r
     assert r["examples_in_first_batch"] >= 4 and r["control_diff_without_restart"] > 0.1
     # float32 weights; the GPU's kernels differ from the one-example pass by rounding only
     assert r["max_token_loss_diff"] < 1e-2 and r["max_token_loss_diff_flattened"] < 1e-2, r
     assert r["max_relative_gradient_diff"] < 1e-3, r
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_packed_examples_stay_apart_in_bfloat16(backend):
+    """The production preset's setting: the MoE in bfloat16, where auto attention is flash-attn when it
+    imports (TRL's flattened padding-free rows, its varlen kernel), else sdpa with side-by-side rows.
+    Whichever it is, the model runs that one, and packing changes no trained token's loss beyond bf16
+    rounding while a leak across examples (the control) moves it far more."""
+    from packing_check import run as packing_check
+
+    from finetune.model import flash_attention_works
+
+    r = packing_check(backend, "tiny-moe", "auto", "bfloat16", timeout=900)
+    expected = "flash_attention_2" if flash_attention_works() else "sdpa"
+    assert r["model_attention"] == r["attention"] == expected, r
+    # on this CPU in bf16 (sdpa_varlen): token diff 0, control 11.1, gradient 0.002
+    assert r["examples_in_first_batch"] >= 4 and r["control_diff_without_restart"] > 1.0, r
+    assert r["max_token_loss_diff"] < 0.25 and r["max_token_loss_diff_flattened"] < 0.25, r
+    assert r["max_relative_gradient_diff"] < 0.05, r

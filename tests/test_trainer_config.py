@@ -64,6 +64,7 @@ def test_production_preset_matches_the_axolotl_plan(tmp_path, monkeypatch):
     (["dataset_num_proc=-1"], "'dataset_num_proc' must be >= 0"),
     (["packing=true", "group_by_length=true"], "packing and group_by_length both remove padding"),
     (["experts_implementation=fast"], "valid values: auto, eager, batched_mm, grouped_mm"),
+    (["attn_implementation=flash_attention_2", "dtype=float32"], "computes in bfloat16/float16 only"),
 ])
 def test_configuration_errors(items, message):
     with pytest.raises(ConfigError) as e:
@@ -109,12 +110,19 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     from finetune import model as model_mod
 
     monkeypatch.setattr(model_mod, "has_cuda", lambda: True)
+    # auto on a GPU: flash-attn where it imports and the dtype is 16-bit (it has no float32 kernel), else sdpa
+    bf16 = resolve_with("packing=true", "dtype=bfloat16")
+    monkeypatch.setattr(model_mod, "flash_attention_works", lambda: True)
+    assert attention_implementation(bf16) == "flash_attention_2"
+    assert auto.dtype == "float32" and attention_implementation(auto) == "sdpa"  # the tiny preset
+    monkeypatch.setattr(model_mod, "flash_attention_works", lambda: False)
+    assert attention_implementation(bf16) == "sdpa"
     assert model_mod.expects_unsloth_attention("qwen3", "unsloth")
     assert not model_mod.expects_unsloth_attention("qwen3_moe", "unsloth")
     assert not model_mod.expects_unsloth_attention("qwen3", "hf")
     monkeypatch.setattr(model_mod, "has_cuda", lambda: False)
     assert not model_mod.expects_unsloth_attention("qwen3", "unsloth")  # Unsloth patches nothing on a CPU
-    flash = sft_config(resolve_with("packing=true", "attn_implementation=flash_attention_2"),
+    flash = sft_config(resolve_with("packing=true", "attn_implementation=flash_attention_2", "dtype=bfloat16"),
                        stages_for(resolve_with())[0], Path("o"))
     assert flash.packing is True and flash.padding_free is True
 
