@@ -146,7 +146,7 @@ class Recipe:
         """The backend, the base model and its LoRA: what every stage trains."""
         cfg, timer = self.cfg, self.timer
         with timer("imports"):
-            from finetune.model import add_lora, has_cuda, import_backend, load_base
+            from finetune.model import add_lora, attention_implementation, has_cuda, import_backend, load_base
 
             backend, backend_why = import_backend(cfg.backend)
             import transformers
@@ -176,7 +176,14 @@ class Recipe:
         storage = storage_by_category(model)
         say(f"weight storage: {describe_storage(storage)}")
         aux = router_aux_loss_setting(cfg, model.config)
-        model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts}
+        asked = attention_implementation(cfg)
+        # what the model runs: a backend may choose otherwise (Unsloth falls back to sdpa where flash-attn
+        # cannot run), and the run summary records this one
+        attention = getattr(model.config, "_attn_implementation", None) or asked
+        if attention != asked:
+            say(f"attention: {asked} was asked for; the loaded model runs {attention}")
+        model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts,
+                      "attn_implementation": attention}
         if aux["moe"]:
             say(f"MoE router {describe_aux_loss(aux)}")
             say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation})")
@@ -231,8 +238,6 @@ class Recipe:
         config.yaml, run_summary.json and COMPLETE."""
         cfg, model, tokenizer, timer = self.cfg, self.model, self.tokenizer, self.timer
         backend, plan, params, model_info, resume = self.backend, self.plan, self.params, self.model_info, self.resume
-        from finetune.model import attention_implementation
-
         from callbacks.generation_eval import GenerationEvalCallback
         from callbacks.watchdog import StallWatchdog
 
@@ -310,7 +315,7 @@ class Recipe:
             lora_targets={"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                           "router_trained": plan.router, "expert_rank": plan.expert_rank},
             data=data_identity, packing=packing, mlflow_run_id=tracker.run_id if tracker else None,
-            world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=attention_implementation(cfg),
+            world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=model_info["attn_implementation"],
             experts_implementation=model_info["experts_implementation"], libraries=libraries,
             python=sys.version.split()[0])
         if trainer.is_world_process_zero():

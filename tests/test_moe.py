@@ -53,6 +53,8 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
     assert s["experts_implementation"] == "eager" and "MoE experts run as eager" in result.stdout  # auto, CPU
     assert s["packing"]["packing"] == (packing == "true") and s["packing"]["examples"] == 16
     assert (s["packing"]["rows"] < 16) == (packing == "true")
+    # the attention the loaded model runs: on a CPU, packed rows get sdpa_varlen
+    assert s["attn_implementation"] == ("sdpa_varlen" if packing == "true" else "sdpa")
     # the aux term is in the loss that is optimised: step 1 (same weights, same batch) without it is lower
     # by exactly coef * aux_loss
     ok(train("--mode", "single", "--backend", backend, "output_dir=off", *MOE, "router_aux_loss_coef=0",
