@@ -187,7 +187,7 @@ FIGURES = [
            lambda: (f"{throughput('ours-packed', 'vs plain-trl'):.2f}",
                     f"{throughput('ours-packed') / throughput('axolotl'):.2f}")),
     Figure("training throughput: packed over Axolotl packed",
-           rf"{NUM}x Axolotl with its own `sample_packing`\), below the length-grouped batches \({NUM}x\)",
+           rf"{NUM}x\s+Axolotl with its own `sample_packing`\), against the length-grouped batches'\s+{NUM}x",
            "training throughput",
            lambda: (f"{throughput('ours-packed') / throughput('axolotl-packed'):.2f}",
                     f"{throughput('ours-grouped', 'vs plain-trl'):.2f}")),
