@@ -297,7 +297,8 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
               f"backend {backend})")
     packing = (f"on: several examples per padding-free row of up to {cfg.max_length} tokens" if cfg.packing
                else "off: one example per row")
-    flattened = flattens_packed_rows(cfg) or expects_unsloth_attention(model_config.model_type, backend)
+    flattened = cfg.packing and (flattens_packed_rows(cfg)
+                                 or expects_unsloth_attention(model_config.model_type, backend))
     layout = ("; a micro-batch's rows flattened into one sequence" if flattened
               else "; rows side by side" if cfg.packing else "")
     print(f"packing      {packing}{layout} (rows counted when training starts)")
