@@ -2,10 +2,8 @@
 
     python qwen_finetune.py --mode single                     # tiny preset, CPU, minutes
     python qwen_finetune.py --mode two-stage --preset tiny
-    torchrun --nproc_per_node=4 qwen_finetune.py --mode single --preset qwen3-30b-a3b \\
-        --deepspeed deepspeed_configs/zero2.json
-    python qwen_finetune.py --preset qwen3-30b-a3b --dry-run --nproc 4 \\
-        --deepspeed deepspeed_configs/zero2.json             # preflight report, no training
+    torchrun --nproc_per_node=4 qwen_finetune.py --mode single --preset qwen3-30b-a3b
+    python qwen_finetune.py --preset qwen3-30b-a3b --dry-run --nproc 4   # preflight report and memory plan
     python qwen_finetune.py export --adapter outputs/tiny/single/adapter --out exported --merge
     python qwen_finetune.py mlflow-replay outputs/qwen3-30b-a3b   # deliver what MLflow missed while down
 

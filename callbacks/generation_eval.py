@@ -29,6 +29,17 @@ def gold_answer_lengths(records: Sequence[dict], tokenizer) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def prompt_texts(records: Sequence[dict], tokenizer) -> list[str]:
+    """What the model is given: each record's chat up to the assistant turn, in the tokenizer's template."""
+    return [tokenizer.apply_chat_template(record_messages(r, with_answer=False), tokenize=False,
+                                          add_generation_prompt=True) for r in records]
+
+
+def prompt_lengths(records: Sequence[dict], tokenizer) -> list[int]:
+    """Each record's prompt in tokens (what a generation batch is left-padded to the longest of)."""
+    return [len(ids) for ids in tokenizer(prompt_texts(records, tokenizer), add_special_tokens=False)["input_ids"]]
+
+
 def answer_token_budget(records: Sequence[dict], tokenizer) -> int:
     """Longest gold answer in tokens plus a margin: enough for a right answer, no more."""
     return max(gold_answer_lengths(records, tokenizer)) + ANSWER_MARGIN_TOKENS
@@ -67,8 +78,7 @@ def generate_answers(model, tokenizer, records: Sequence[dict], *, batch_size: i
     gold = gold_answer_lengths(records, tokenizer)
     max_new_tokens = max_new_tokens or max(gold) + ANSWER_MARGIN_TOKENS
     stop_ids = _stop_token_ids(tokenizer, model)
-    prompts = [tokenizer.apply_chat_template(record_messages(r, with_answer=False), tokenize=False,
-                                             add_generation_prompt=True) for r in records]
+    prompts = prompt_texts(records, tokenizer)
     order = batch_order([len(p) for p in prompts], gold)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -331,6 +341,13 @@ def _tokenizers(model, tokenizer) -> list:
         m = m.model
 
 
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def generation_mode(model, tokenizer=None):
     """Switch a model that is being trained to inference, and back to exactly what it was.
@@ -344,6 +361,7 @@ def generation_mode(model, tokenizer=None):
     tokenizers = _tokenizers(model, tokenizer)
     padding = [t.padding_side for t in tokenizers]
     stance = _compile_stance()
+    _empty_cuda_cache()  # the training step's freed blocks back to the device before the KV cache grows
     model.eval()
     switches = _unsloth_mode_switches(model)
     if switches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,7 +21,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of configuration keys")
     p.add_argument("--preset", help=f"one of: {', '.join(config_mod.PRESETS)} (default: tiny)")
     p.add_argument("--backend", choices=config_mod.BACKENDS, help="auto (Unsloth when it imports), unsloth, hf")
-    p.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. deepspeed_configs/zero2.json")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. deepspeed_configs/zero2.json), none, or auto "
+                   "(the default: ZeRO-2 for bf16 LoRA on several GPUs, chosen to fit; see the dry run)")
     p.add_argument("--dry-run", action="store_true", help="print the preflight report and exit")
     p.add_argument("--nproc", type=int, metavar="N", help="with --dry-run: the number of ranks (GPUs) the run "
                    "will use, for the memory estimate and the DeepSpeed batch check (default: $WORLD_SIZE, else 1)")
@@ -59,6 +61,9 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
         from callbacks.mlflow_spool import replay_main
 
         return replay_main(argv[1:], prog)
+    # before CUDA's allocator starts: one growable segment instead of fixed blocks, so the generation eval's
+    # differently sized tensors reuse what training freed (PyTorch's advice for fragmentation OOMs)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args, extra = build_parser(prog, description).parse_known_args(argv)
     if args.help_config:
         for key, value in config_mod.to_dict(config_mod.FinetuneConfig()).items():

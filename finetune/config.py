@@ -120,7 +120,13 @@ class FinetuneConfig:
     # processes that tokenise the training set (rank 0 does it while the other ranks wait);
     # 0 = auto: one below 10,000 examples (spawning costs more), else up to 8
     dataset_num_proc: int = 0
-    deepspeed: str = ""
+    # auto: ZeRO-2 (finetune/memory.py: optimizer on the GPU when that fits, else offloaded) in bf16 on
+    # several GPUs, plain DDP otherwise (4-bit, one rank, CPU); none: never; or a DeepSpeed JSON file
+    deepspeed: str = "auto"
+    # memory of one device in GiB for the plan's verdict: 0 = the GPU's own (80, an H100/A100, in a dry run
+    # without one). A run on a GPU whose plan does not fit stops before loading, unless check_memory=false
+    device_memory_gib: float = 0.0
+    check_memory: bool = True
     # seconds a rank may wait in a collective (NCCL's own default is 10 min) before the run fails:
     # covers rank 0 tokenising alone and the rank-0-only work after training
     ddp_timeout: int = 1800
@@ -182,6 +188,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gradient_accumulation_steps": 6, "learning_rate": 2e-4, "num_epochs": 1.5,
         "eval_steps": 200, "save_steps": 200, "save_total_limit": 3, "eval_max_samples": 500,
         "mlflow": True,
+        # 16, not 32: with prompts as long as max_length, a batch of 32 needs ~75 GiB of an 80 GB card during
+        # the generation eval (finetune/memory.py; the dry run prints it); 16 stays under 72 GiB
+        "gen_eval_batch_size": 16,
     },
 }
 
@@ -352,7 +361,9 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
     if cfg.load_in_4bit and cfg.dtype == "float32":
         raise ConfigError("load_in_4bit needs a 16-bit compute dtype: set dtype=bfloat16 "
                           "(or load_in_4bit=false)")
-    if cfg.load_in_4bit and cfg.deepspeed:
+    if cfg.device_memory_gib < 0:
+        raise ConfigError(f"'device_memory_gib' must be >= 0 (0 = the GPU's own), got {cfg.device_memory_gib}")
+    if cfg.load_in_4bit and deepspeed_file(cfg):
         raise ConfigError("4-bit QLoRA with DeepSpeed is not supported by this trainer: the frozen "
                           "4-bit weights cannot be sharded by ZeRO. Use --mode single (bf16 LoRA) with "
                           "DeepSpeed, or drop --deepspeed")
@@ -374,7 +385,7 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
     missing = missing_data(cfg)
     if missing and not dry_run:
         raise ConfigError(missing[0])
-    if cfg.deepspeed:
+    if deepspeed_file(cfg):
         check_deepspeed(cfg, world or world_size())
 
 
@@ -396,6 +407,11 @@ def check_best_metric(cfg: FinetuneConfig) -> None:
     if generated and not cfg.gen_eval:
         raise ConfigError(f"best_metric_constraint names {generated[0]}, a generation metric, but gen_eval "
                           "is false: turn gen_eval on or drop the constraint")
+
+
+def deepspeed_file(cfg: FinetuneConfig) -> str:
+    """The DeepSpeed file the user named ("" for auto and none: finetune/memory.py decides auto)."""
+    return "" if cfg.deepspeed in ("auto", "none", "") else cfg.deepspeed
 
 
 def check_deepspeed(cfg: FinetuneConfig, world: int) -> None:

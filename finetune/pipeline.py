@@ -94,6 +94,7 @@ class Recipe:
             return preflight(cfg, world or world_size())
 
         stages = stages_for(cfg)
+        check_memory(cfg)
         plan_stage_dirs(cfg, stages, self.resume, self.overwrite)
         _wait_for_rank_zero()
         todo = [s for s in stages if not is_complete(stage_dir(cfg, s))]
@@ -344,6 +345,27 @@ class Recipe:
         trainer.accelerator.wait_for_everyone()
         release(trainer)
         return summary
+
+
+def check_memory(cfg: FinetuneConfig) -> None:
+    """On a GPU, before any weight loads: the memory plan (finetune/memory.py) picks DeepSpeed for
+    `deepspeed=auto` and stops a run whose training or generation-eval peak would not fit the device, with
+    the changes that would (check_memory=false runs it anyway). A CPU run is not planned."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from finetune.preflight import run_memory_plan
+
+    memory = run_memory_plan(cfg, world_size())
+    if cfg.deepspeed == "auto" and memory.deepspeed:
+        cfg.deepspeed = memory.deepspeed
+    say(f"memory plan: {memory.describe()}")
+    if memory.fits or not cfg.check_memory:
+        return
+    options = "; ".join(memory.describe_options()) or "a larger GPU, or more GPUs"
+    raise config_mod.ConfigError(f"this run would not fit the GPU: {memory.describe()}. Instead: {options}. "
+                                 "--dry-run shows each peak by component; check_memory=false runs it anyway")
 
 
 def check_model_config(cfg: FinetuneConfig) -> None:

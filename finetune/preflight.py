@@ -11,23 +11,24 @@ instead of stopping the report.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
 
-from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget
+from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget, prompt_lengths
 from core.records import seeded_subset
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.lora import CATEGORIES, count_parameters, plan_targets
+from finetune.memory import GIB, MemoryPlan, Shape, Workload, plan, shape_of
 from finetune.moe import describe as describe_aux_loss
 from finetune.moe import router_aux_loss_setting, use_experts_implementation
 from finetune.quant_experts import describe_storage
 from finetune.selection import describe_plan
 from finetune.stages import flattens_packed_rows, stages_for
 
-GIB = 1024 ** 3
 REPO = Path(__file__).resolve().parent.parent
 HUB_PROBE_TIMEOUT_S = 3
 
@@ -77,20 +78,30 @@ def load_model_config(cfg: FinetuneConfig):
                           f"{first_line}") from None
 
 
-def load_tokenizer_if_available(cfg: FinetuneConfig):
-    """The tokenizer from the cache (or a local folder), else from the hub when it answers; else None."""
+def load_tokenizer_if_available(cfg: FinetuneConfig, model_type: str = ""):
+    """(tokenizer, where it came from): the cache (or a local folder), else the hub when it answers, else for
+    a Qwen3-family model the copy this repository carries (core/qwen3_tokenizer.py); else (None, why)."""
     from finetune.model import load_tokenizer
 
     try:
-        return load_tokenizer(cfg, local_files_only=True)
+        return load_tokenizer(cfg, local_files_only=True), "cache"
     except (OSError, ValueError):
         pass
     if hub_reachable():
         try:
-            return load_tokenizer(cfg)
+            return load_tokenizer(cfg), "hub"
         except (OSError, ValueError):
             pass
-    return None
+    if model_type.startswith("qwen3"):
+        from transformers import AutoTokenizer
+
+        from core import qwen3_tokenizer
+        from finetune.model import apply_chat_template_choice
+
+        tokenizer = AutoTokenizer.from_pretrained(str(qwen3_tokenizer.folder()))
+        apply_chat_template_choice(tokenizer, cfg)
+        return tokenizer, "carried"
+    return None, "unavailable"
 
 
 def meta_model(cfg: FinetuneConfig):
@@ -122,6 +133,8 @@ def planned_storage(model, cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
         rest = "float32"
     out: dict[str, dict[str, float]] = {}
     for name, param in model.named_parameters():
+        if "lora_" in name:  # the LoRA weights are the plan's own component (finetune/memory.py)
+            continue
         cat = category(name)
         kind = "4bit" if cfg.load_in_4bit and cat in QUANTIZED else rest
         size = param.numel() * (NF4_BYTES_PER_WEIGHT if kind == "4bit" else {"float32": 4}.get(kind, 2))
@@ -130,77 +143,109 @@ def planned_storage(model, cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
     return out
 
 
-def zero_setup(cfg: FinetuneConfig) -> tuple[int, bool]:
-    """(ZeRO stage, optimizer offloaded off the GPU) of the DeepSpeed config given; none: plain DDP (0, False).
-    validate() has already checked that the file exists and is JSON."""
-    if not cfg.deepspeed:
-        return 0, False
-    zero = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
-    return int(zero.get("stage", 0)), (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-
-
-def estimate_memory_gib(cfg: FinetuneConfig, model_config, storage: dict, trainable: int, world: int = 1,
-                        answer_tokens: int | None = None) -> dict:
-    """A rough per-device estimate: weights (as stored, per category) + LoRA training state + activations
-    + the generation eval's KV cache. `world`: the number of ranks; `answer_tokens`: the generation eval's
-    answer budget when it could be measured (see kv_cache below)."""
-    text = model_config.get_text_config()
-    dtype_bytes = 4 if cfg.dtype == "float32" else 2
-    stage, offload = zero_setup(cfg)
-    # ZeRO-1 shards the optimizer states over the ranks, ZeRO-2 the gradients too, ZeRO-3 the weights too
-    shards = {s: world if stage >= s else 1 for s in (1, 2, 3)}
-    weights = sum(size for kinds in storage.values() for size in kinds.values())
-    # fp32 LoRA weights + fp32 grads + AdamW's two fp32 moments; an offloaded optimizer keeps the
-    # moments in CPU memory. Plain DDP (no DeepSpeed): all of it in full on every rank.
-    moments = 0 if offload else 8 / shards[1]
-    lora_state = trainable * (4 / shards[3] + 4 / shards[2] + moments)
-    seq, batch = cfg.max_length, cfg.micro_batch_size
-    hidden, layers = text.hidden_size, text.num_hidden_layers
-    if cfg.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
-        acts = batch * seq * hidden * 2 * layers + batch * seq * hidden * 2 * 20
-    else:
-        acts = batch * seq * hidden * 2 * 20 * layers
-    logits = batch * seq * text.vocab_size * 4 * 2  # fp32 logits and their gradient
-    overhead = 1.5 * GIB if not cfg.dtype == "float32" else 0.5 * GIB
-    parts = {"weights": weights / shards[3], "lora_params_grads_optimizer": lora_state, "activations": acts,
-             "logits": logits, "runtime_overhead": overhead}
-    if cfg.gen_eval and cfg.eval_file:
-        # Greedy generation keeps K and V of every layer for the whole batch, each rank its own batches.
-        # Tokens per sequence: the prompt (never truncated; assumed to fit max_length, as the training
-        # examples do) + the answer budget (longest gold answer + a margin; when it could not be
-        # measured, bounded by max_length: a gold answer is part of an example that fits it). Added to
-        # the total: the caching allocator keeps the training step's blocks while generation runs.
-        tokens = seq + (answer_tokens or seq + ANSWER_MARGIN_TOKENS)
-        head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
-        parts["kv_cache_gen_eval"] = (cfg.gen_eval_batch_size * tokens * layers * 2 * text.num_key_value_heads
-                                      * head_dim * dtype_bytes)
-    if cfg.distill_lambda > 0:
-        # The teacher is the same weights (adapter disabled): no second copy. Extra: its logits
-        # (model dtype) and the float32 softmaxes of the KL, upper bound = every position trained;
-        # its forward runs under no_grad, so one layer's activations at a time.
-        parts["distill_teacher"] = batch * seq * text.vocab_size * (dtype_bytes + 4 * 2) \
-            + batch * seq * hidden * 2 * 20
-    parts = {k: round(v / GIB, 4) for k, v in parts.items()}
-    parts["total"] = round(sum(parts.values()), 1)
+def weights_while_loading(storage: dict) -> float | None:
+    """Bytes of the weights before the MoE experts are quantized (they load in the 16-bit compute dtype;
+    finetune/quant_experts.py packs them after loading); None when no expert is 4-bit."""
     experts = storage.get("experts", {}).get("4bit", 0)
-    if experts:  # loaded in the 16-bit compute dtype first, quantized after loading (finetune/quant_experts.py)
-        parts["weights_while_loading"] = round((weights - experts + experts / NF4_BYTES_PER_WEIGHT * 2) / GIB, 4)
-    return parts
-
-
-def gen_eval_answer_tokens(cfg: FinetuneConfig, tokenizer) -> int | None:
-    """The generation eval's answer budget, as the callback computes it, from the records it will use."""
-    if tokenizer is None or not (cfg.gen_eval and cfg.eval_file and Path(cfg.eval_file).is_file()):
+    if not experts:
         return None
-    records = seeded_subset(load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed), cfg.gen_eval_max_samples,
-                            cfg.seed)
-    return answer_token_budget(records, tokenizer) if records else None
+    weights = sum(size for kinds in storage.values() for size in kinds.values())
+    return weights - experts + experts / NF4_BYTES_PER_WEIGHT * 2
+
+
+def workload(cfg: FinetuneConfig, tokenizer, eval_records: list[dict] | None) -> tuple[Workload, bool]:
+    """(the sizes the memory peaks depend on, whether the generation eval's were measured): packed rows
+    are full (micro_batch_size x max_length tokens); the generation batch's prompt and answer budget are
+    the eval set's longest, else bounded by max_length."""
+    gen_batch = cfg.gen_eval_batch_size if cfg.gen_eval and cfg.eval_file else 0
+    prompt, answer, measured = cfg.max_length, cfg.max_length + ANSWER_MARGIN_TOKENS, False
+    if gen_batch and tokenizer is not None and eval_records:
+        prompt = max(prompt_lengths(eval_records, tokenizer))
+        answer, measured = answer_token_budget(eval_records, tokenizer), True
+    work = Workload(tokens=cfg.micro_batch_size * cfg.max_length, gen_batch=gen_batch, prompt_tokens=prompt,
+                    new_tokens=answer, checkpointing=cfg.gradient_checkpointing, distill=cfg.distill_lambda > 0)
+    return work, measured
+
+
+def gen_eval_records(cfg: FinetuneConfig) -> list[dict] | None:
+    """The records the generation eval will score (None without an eval file or generation eval)."""
+    if not (cfg.gen_eval and cfg.eval_file and Path(cfg.eval_file).is_file()):
+        return None
+    return seeded_subset(load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed), cfg.gen_eval_max_samples,
+                         cfg.seed) or None
+
+
+def memory_shape(cfg: FinetuneConfig, model, model_config, trainable: int, backend: str) -> Shape:
+    """What the memory estimate needs of the meta model with LoRA on it: the base weights as they will be
+    stored (LoRA left out: it is its own component), the LoRA size, and how LoRA reaches the experts."""
+    storage = planned_storage(model, cfg)
+    base = sum(size for kinds in storage.values() for size in kinds.values())
+    experts_lora = any("lora_" in name and ".experts." in name for name, _ in model.named_parameters())
+    fold = "nf4" if cfg.load_in_4bit else "peft" if backend == "hf" else ""
+    return shape_of(model_config, base, trainable, fold=fold if experts_lora else "",
+                    dtype_bytes=4 if cfg.dtype == "float32" else 2,
+                    head_fp32=bool(storage.get("embeddings", {}).get("float32")),
+                    lora_bytes=2 if cfg.load_in_4bit and backend == "hf" else 4)
+
+
+def memory_plan(cfg: FinetuneConfig, model, model_config, trainable: int, backend: str, world: int,
+                work: Workload, *, gpu: bool = True) -> MemoryPlan:
+    """The plan of one rank from the meta model (LoRA applied); a bf16 plan also prices 4-bit as a way out."""
+    four_bit = None
+    if not cfg.load_in_4bit and cfg.dtype != "float32":
+        four_bit = memory_shape(dataclasses.replace(cfg, load_in_4bit=True), model, model_config, trainable, backend)
+    return plan(cfg, memory_shape(cfg, model, model_config, trainable, backend), world, work, gpu=gpu,
+                four_bit=four_bit)
+
+
+def with_lora(model, cfg: FinetuneConfig):
+    """(target plan, the meta model with PEFT's LoRA on it, as the hf backend puts it)."""
+    from peft import LoraConfig, get_peft_model
+
+    plan = plan_targets(model, cfg)
+    return plan, get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **plan.lora_kwargs(cfg)),
+                                low_cpu_mem_usage=True)
+
+
+def run_memory_plan(cfg: FinetuneConfig, world: int) -> MemoryPlan:
+    """The real run's plan on a GPU, before any weight loads (seconds: the meta model, the tokenizer, the
+    eval set's lengths)."""
+    from finetune.model import choose_backend
+
+    model, model_config, _ = meta_model(cfg)
+    _, peft_model = with_lora(model, cfg)
+    tokenizer, _ = load_tokenizer_if_available(cfg, model_config.model_type)
+    work, _ = workload(cfg, tokenizer, gen_eval_records(cfg))
+    return memory_plan(cfg, peft_model, model_config, count_parameters(peft_model)["trainable"],
+                       choose_backend(cfg.backend)[0], world, work)
+
+
+def print_memory(cfg: FinetuneConfig, memory: MemoryPlan, work: Workload, gen_measured: bool,
+                 loading: float | None) -> None:
+    """The memory lines of the report: the verdict, each peak by component, and what would fit instead."""
+    def parts(components: dict) -> str:
+        return ", ".join(f"{name} {size / GIB:.2f}" for name, size in components.items() if size >= GIB / 100)
+
+    est = memory.estimate
+    print(f"memory       {memory.describe()}")
+    print(f"  training   {est.training_peak / GIB:.1f} GiB: {parts(est.training)}, CUDA context "
+          f"{est.overhead / GIB:.2f} (1 x {work.tokens} tokens per micro-batch)")
+    if est.generation:
+        budget = "measured on the eval set" if gen_measured else "not measured: bounded by max_length"
+        print(f"  gen eval   {est.generation_peak / GIB:.1f} GiB: {parts(est.generation)} (batch {work.gen_batch} "
+              f"x ({work.prompt_tokens} prompt + {work.new_tokens} answer) tokens, {budget})")
+    for option in memory.describe_options():
+        print(f"  instead    {option}")
+    if "distill_teacher" in est.training:
+        print(f"distillation teacher pass: +{est.training['distill_teacher'] / GIB:.2f} GiB (its logits and the KL's "
+              "softmaxes; no second copy of the weights: the teacher is the adapter-disabled model)")
+    if loading:
+        print(f"loading      the MoE experts load in {cfg.dtype} and are quantized after loading: weights peak at "
+              f"~{loading / GIB:.2f} GiB per device before they drop to {est.training['weights'] / GIB:.2f} GiB")
 
 
 def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     """`world`: the number of ranks the run will use (--nproc, or torchrun's WORLD_SIZE)."""
-    from peft import LoraConfig, get_peft_model
-
     from finetune.model import attention_implementation, check_attention, choose_backend, expects_unsloth_attention
 
     model, model_config, shipped_config = meta_model(cfg)
@@ -213,11 +258,9 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         experts = "unsloth"  # on a GPU, Unsloth's own MoE forward is its default (unsloth_zoo moe_experts_interface)
     shipped_config = str(shipped_config.relative_to(REPO)) if shipped_config else None
     base_counts = count_parameters(model)
-    plan = plan_targets(model, cfg)
-    lora = LoraConfig(task_type="CAUSAL_LM", **plan.lora_kwargs(cfg))
-    peft_model = get_peft_model(model, lora, low_cpu_mem_usage=True)
+    plan, peft_model = with_lora(model, cfg)
     counts = count_parameters(peft_model)
-    tokenizer = load_tokenizer_if_available(cfg)
+    tokenizer, tokenizer_source = load_tokenizer_if_available(cfg, model_config.model_type)
     missing = config_mod.missing_data(cfg)  # only a dry run gets here with files missing
     data = {}
     for stage in stages_for(cfg):
@@ -227,13 +270,14 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         data[stage.name] = (length_report(records, tokenizer, cfg.max_length) if tokenizer is not None
                             else {"examples": len(records)})
     storage = planned_storage(model, cfg)
-    answer_tokens = gen_eval_answer_tokens(cfg, tokenizer)
-    memory = estimate_memory_gib(cfg, model_config, storage, counts["trainable"], world, answer_tokens)
-    zero_stage, offload = zero_setup(cfg)
+    work, gen_measured = workload(cfg, tokenizer, gen_eval_records(cfg))
+    memory = memory_plan(cfg, peft_model, model_config, counts["trainable"], backend, world, work)
+    launcher = memory.estimate.launcher
+    loading = weights_while_loading(storage)
     report = {
         "model": cfg.model_name, "model_config_shipped": shipped_config, "model_class": type(model).__name__,
-        "mode": cfg.mode, "world_size": world, "deepspeed": cfg.deepspeed or None, "zero_stage": zero_stage,
-        "optimizer_offload": offload, "quantization": "4-bit NF4" if cfg.load_in_4bit else cfg.dtype,
+        "mode": cfg.mode, "world_size": world, "deepspeed": memory.deepspeed or None,
+        "zero_stage": launcher.zero_stage, "optimizer_offload": launcher.offload, "quantization": "4-bit NF4" if cfg.load_in_4bit else cfg.dtype,
         "base_parameters": base_counts["total"],
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters,
                          "matches": plan.matches, "router": "trained" if plan.router else "frozen",
@@ -244,7 +288,10 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         "weight_storage_bytes": {cat: {kind: round(size) for kind, size in kinds.items()}
                                  for cat, kinds in storage.items()},
         "data": data, "missing_data": missing, "token_lengths": tokenizer is not None,
-        "gen_eval_answer_tokens": answer_tokens, "memory_estimate_gib_per_device": memory,
+        "tokenizer": tokenizer_source,
+        "gen_eval_answer_tokens": work.new_tokens if gen_measured else None,
+        "gen_eval_prompt_tokens": work.prompt_tokens if gen_measured else None,
+        "memory": {**memory.report(), "weights_while_loading_gib": round(loading / GIB, 2) if loading else None},
         "packing": cfg.packing, "experts_implementation": experts, "attn_implementation": attention,
     }
     print("\n=== preflight (dry run: nothing was trained) ===")
@@ -265,6 +312,9 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         print(f"  {cat:<11} {counts['trainable_by_category'][cat]:,}")
     for problem in missing:
         print(f"data missing {problem}")
+    if tokenizer_source == "carried":
+        print(f"tokenizer    Qwen3's own, carried in qwen3_tokenizer/ ({cfg.model_name}'s is not in the Hugging Face "
+              "cache and the hub is unreachable; the Qwen3 family shares it)")
     if tokenizer is None:
         where = "offline (not in the Hugging Face cache; the hub is unreachable)" if not hub_reachable() else \
             "(not in the Hugging Face cache, and the hub did not give it)"
@@ -275,23 +325,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
                    f"~{d['over_max_length']:,}" if "tokens" in d else "")
         print(f"data {name:<7} {d['examples']:,} examples{lengths}")
     print(f"weights      {describe_storage(storage)}")
-    sharding = f"DeepSpeed ZeRO-{zero_stage}" if cfg.deepspeed else "no DeepSpeed" + (" (DDP)" if world > 1 else "")
-    sharding += ", optimizer offloaded off the GPU" if offload else ", optimizer on the GPU"
-    kv = f", gen-eval KV cache {memory['kv_cache_gen_eval']}" if "kv_cache_gen_eval" in memory else ""
-    print(f"memory/dev   ~{memory['total']} GiB with world size {world}, {sharding} (rough: weights "
-          f"{memory['weights']}, LoRA state {memory['lora_params_grads_optimizer']}, activations "
-          f"{memory['activations']}, logits {memory['logits']}{kv}, overhead {memory['runtime_overhead']})")
-    if kv:
-        budget = (f"{answer_tokens} (measured)" if answer_tokens else
-                  f"<= {cfg.max_length + ANSWER_MARGIN_TOKENS} (not measured: no tokenizer or eval file)")
-        print(f"gen eval     KV cache: batch {cfg.gen_eval_batch_size} x (max_length {cfg.max_length} prompt + "
-              f"answer budget {budget}) tokens")
-    if "weights_while_loading" in memory:
-        print(f"loading      the MoE experts load in {cfg.dtype} and are quantized after loading: weights peak at "
-              f"~{memory['weights_while_loading']} GiB per device before they drop to {memory['weights']} GiB")
-    if "distill_teacher" in memory:
-        print(f"distillation teacher pass: +{memory['distill_teacher']} GiB (its logits and the KL's "
-              "softmaxes, upper bound; no second copy of the weights: the teacher is the adapter-disabled model)")
+    print_memory(cfg, memory, work, gen_measured, loading)
     if experts:
         print(f"experts      {experts} on a GPU (experts_implementation={cfg.experts_implementation}, "
               f"backend {backend})")

@@ -138,6 +138,10 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         fp16=cfg.dtype == "float16",
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,
+        # PEFT (hf backend) folds LoRA into every expert at every forward and LoRA sits on every layer: each
+        # trainable tensor gets a gradient each step, so DDP need not walk the graph for unused ones (which
+        # transformers asks for on a PeftModel unless told). Unsloth's own MoE kernels: left to its default.
+        ddp_find_unused_parameters=False if not runs_unsloth(model) else None,
         ddp_timeout=cfg.ddp_timeout,  # also given to the process group (pipeline.init_distributed)
         # the datasets come finished (finetune/data.py): TRL prepares nothing
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -154,12 +158,23 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # never the checkpoint's value by accident
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=cfg.report_to or "none",
-        deepspeed=cfg.deepspeed or None,
+        deepspeed=config_mod.deepspeed_file(cfg) or None,  # auto: decided by the run (finetune/memory.py)
         save_only_model=False,  # resume needs the optimizer and scheduler state
         disable_tqdm=False,
     )
     args.packing = args.padding_free = flatten
     return args
+
+
+def runs_unsloth(model) -> bool:
+    """Whether Unsloth loaded the model (its classes or patched forwards), from the model itself."""
+    from finetune.model import runs_unsloth_attention
+    from finetune.moe import own_experts_forward
+
+    if model is None:
+        return False
+    return runs_unsloth_attention(model) or own_experts_forward(model) is not None or \
+        type(model).__module__.startswith("unsloth")
 
 
 def flattens_packed_rows(cfg: FinetuneConfig, model=None) -> bool:

@@ -218,11 +218,11 @@ def test_dry_run_reports_aux_loss_and_the_storage_of_each_category(tmp_path):
     assert set(nf4["attention"]) == {"4bit"} and "4bit" not in nf4["embeddings"] and "4bit" not in nf4["router"]
     # 4 bits + block scales against 16 bits: about 3.9x less for the quantized parts
     assert nf4["experts"]["4bit"] == pytest.approx(bf16["experts"]["bfloat16"] * (0.5 + 1 / 64) / 2, rel=0.01)
-    weights = {mode: reports[mode]["memory_estimate_gib_per_device"]["weights"] for mode in reports}
+    weights = {mode: reports[mode]["memory"]["training_gib"]["weights"] for mode in reports}
     assert weights["two-stage"] < 0.5 * weights["single"]
     # the experts are quantized after loading: the load peaks at their bf16 size, and the report says so
-    assert reports["two-stage"]["memory_estimate_gib_per_device"]["weights_while_loading"] > weights["two-stage"]
-    assert "weights_while_loading" not in reports["single"]["memory_estimate_gib_per_device"]
+    assert reports["two-stage"]["memory"]["weights_while_loading_gib"] > weights["two-stage"]
+    assert reports["single"]["memory"]["weights_while_loading_gib"] is None
 
     dense = train("--mode", "single", "model_name=tiny-dense", "--dry-run", "router_aux_loss_coef=0.001",
                   cwd=tmp_path)

@@ -195,7 +195,7 @@ def test_dry_run_reports_targets_per_category_without_training(tmp_path):
     assert report["lora_targets"]["matches"]["mlp.experts.gate_up_proj"] == 2
     assert report["trainable_by_category"]["experts"] > 0 and report["trainable_by_category"]["router"] == 0
     assert report["data"]["single"]["tokens"]["p50"] > 0 and "over_max_length" in report["data"]["single"]
-    assert report["memory_estimate_gib_per_device"]["total"] > 0
+    assert report["memory"]["training_peak_gib"] > 0 and report["memory"]["fits"] is True
     assert not (tmp_path / "out").exists()
     # the expert rank defaults to lora_r and can be set lower (LoRA size is linear in the rank)
     low = ok(train("--mode", "single", "model_name=tiny-moe", "--dry-run", "expert_lora_r=4", cwd=tmp_path))
