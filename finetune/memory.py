@@ -117,7 +117,7 @@ def resident(shape: Shape, launcher: Launcher) -> dict[str, float]:
 # bf16 copy of each expert weight (2); our NF4 experts dequantize, then fold: the folded gate_up stays while
 # down_proj (a third of the weights) is dequantized and folded (2 + 2/3). The recomputed layer's backward
 # holds about 7 (the folded copies, their bf16 gradients and the dequantized weights, both paths).
-# Unsloth's MoE kernels apply LoRA beside the weight: no fold (from its source; not measured).
+# "" = no fold (a model without expert LoRA).
 FOLD_BYTES = {"peft": {"forward": 2, "backward": 7}, "nf4": {"forward": 8 / 3, "backward": 7},
               "": {"forward": 0, "backward": 0}}
 # The CPU fallback of TRL's loss (finetune/trl_cpu.py) holds, per trained position (TRL computes the head

@@ -41,6 +41,24 @@ def own_experts_forward(model) -> str | None:
     return None
 
 
+def expert_lora_path(model) -> str | None:
+    """How LoRA reaches the fused experts in the loaded model (None: no expert LoRA): "unsloth" when
+    Unsloth replaced PEFT's ParamWrapper forward (LoRA beside its MoE kernels), "nf4-fold" where our
+    4-bit experts dequantize and fold B @ A in (finetune/quant_experts.py), else "peft-fold" (PEFT adds
+    B @ A to the whole expert weight at every forward). Read from the model, for the run summary."""
+    for module in model.modules():
+        if type(module).__name__ != "ParamWrapper" or ".experts" not in f".{getattr(module, 'parameter_name', '')}" \
+                and "experts" not in type(module.get_base_layer()).__name__.lower():
+            continue
+        forward = type(module).forward
+        if "unsloth" in (forward.__module__ or "") or "unsloth" in (getattr(forward, "__qualname__", "") or ""):
+            return "unsloth"
+        if module.get_base_layer().__dict__.get("_nf4_states"):
+            return "nf4-fold"
+        return "peft-fold"
+    return None
+
+
 def use_experts_implementation(model, requested: str, on_gpu: bool) -> str | None:
     """Set how the fused experts of a MoE run and return the implementation in effect (None: a dense model)."""
     if not is_moe(model.config):

@@ -26,7 +26,7 @@ from finetune import config as config_mod
 from finetune.config import FinetuneConfig
 from finetune.data import StageData, describe_packing, length_report, stage_data
 from finetune.forgetting import measure_forgetting
-from finetune.moe import TaskLossCallback, router_aux_loss_setting, use_experts_implementation
+from finetune.moe import TaskLossCallback, expert_lora_path, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.selection import describe as describe_best
@@ -94,7 +94,7 @@ class Recipe:
             return preflight(cfg, world or world_size())
 
         stages = stages_for(cfg)
-        check_memory(cfg)
+        self.memory = check_memory(cfg, stages, self.resume)
         plan_stage_dirs(cfg, stages, self.resume, self.overwrite)
         _wait_for_rank_zero()
         todo = [s for s in stages if not is_complete(stage_dir(cfg, s))]
@@ -184,10 +184,11 @@ class Recipe:
         if attention != asked:
             say(f"attention: {asked} was asked for; the loaded model runs {attention}")
         model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts,
-                      "attn_implementation": attention}
+                      "attn_implementation": attention, "expert_lora": expert_lora_path(model)}
         if aux["moe"]:
             say(f"MoE router {describe_aux_loss(aux)}")
-            say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation})")
+            say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation}); "
+                f"expert LoRA: {model_info['expert_lora']}")
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.plan, self.params, self.model_info = plan, params, model_info
 
@@ -317,7 +318,8 @@ class Recipe:
                           "router_trained": plan.router, "expert_rank": plan.expert_rank},
             data=data_identity, packing=packing, mlflow_run_id=tracker.run_id if tracker else None,
             world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=model_info["attn_implementation"],
-            experts_implementation=model_info["experts_implementation"], libraries=libraries,
+            experts_implementation=model_info["experts_implementation"], expert_lora=model_info["expert_lora"],
+            memory_plan=self.memory.report() if self.memory else None, libraries=libraries,
             python=sys.version.split()[0])
         if trainer.is_world_process_zero():
             import yaml
@@ -347,25 +349,45 @@ class Recipe:
         return summary
 
 
-def check_memory(cfg: FinetuneConfig) -> None:
+def check_memory(cfg: FinetuneConfig, stages: list[Stage] = (), resume: bool = False):
     """On a GPU, before any weight loads: the memory plan (finetune/memory.py) picks DeepSpeed for
     `deepspeed=auto` and stops a run whose training or generation-eval peak would not fit the device, with
-    the changes that would (check_memory=false runs it anyway). A CPU run is not planned."""
+    the changes that would (check_memory=false runs it anyway). Rank 0 plans and every rank takes its
+    choice, so all build the same engine. A resumed stage keeps the launcher its checkpoints were saved
+    with. A CPU run is not planned."""
     import torch
 
     if not torch.cuda.is_available():
-        return
+        return None
     from finetune.preflight import run_memory_plan
 
-    memory = run_memory_plan(cfg, world_size())
-    if cfg.deepspeed == "auto" and memory.deepspeed:
-        cfg.deepspeed = memory.deepspeed
+    import torch.distributed as dist
+
+    memory = run_memory_plan(cfg, world_size()) if is_rank_zero() else None
+    if dist.is_available() and dist.is_initialized():
+        shared = [memory]
+        dist.broadcast_object_list(shared, src=0)
+        memory = shared[0]
+    if cfg.deepspeed == "auto":
+        cfg.deepspeed = resumed_launcher(cfg, stages) if resume else None
+        cfg.deepspeed = cfg.deepspeed if cfg.deepspeed is not None else (memory.deepspeed or "auto")
     say(f"memory plan: {memory.describe()}")
     if memory.fits or not cfg.check_memory:
-        return
+        return memory
     options = "; ".join(memory.describe_options()) or "a larger GPU, or more GPUs"
     raise config_mod.ConfigError(f"this run would not fit the GPU: {memory.describe()}. Instead: {options}. "
                                  "--dry-run shows each peak by component; check_memory=false runs it anyway")
+
+
+def resumed_launcher(cfg: FinetuneConfig, stages: list[Stage]) -> str | None:
+    """For `deepspeed=auto` on --resume: "none" when the checkpoint to resume was saved without DeepSpeed
+    (a DeepSpeed checkpoint has the global_step* folder that resuming under DeepSpeed requires); None, the
+    plan's ZeRO-2, when it was saved with it or when there is nothing to resume."""
+    for stage in stages:
+        checkpoint = latest_checkpoint(stage_dir(cfg, stage))
+        if checkpoint is not None and not is_complete(stage_dir(cfg, stage)):
+            return None if any(checkpoint.glob("global_step*")) else "none"
+    return None
 
 
 def check_model_config(cfg: FinetuneConfig) -> None:

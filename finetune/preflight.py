@@ -181,7 +181,9 @@ def memory_shape(cfg: FinetuneConfig, model, model_config, trainable: int, backe
     storage = planned_storage(model, cfg)
     base = sum(size for kinds in storage.values() for size in kinds.values())
     experts_lora = any("lora_" in name and ".experts." in name for name, _ in model.named_parameters())
-    fold = "nf4" if cfg.load_in_4bit else "peft" if backend == "hf" else ""
+    # Unsloth keeps PEFT's fold on a CPU (finetune.moe.expert_lora_path) and replaces it on a GPU (its
+    # source; unmeasured there): the plan counts the fold on every backend until a GPU shows otherwise
+    fold = "nf4" if cfg.load_in_4bit else "peft"
     return shape_of(model_config, base, trainable, fold=fold if experts_lora else "",
                     dtype_bytes=4 if cfg.dtype == "float32" else 2,
                     head_fp32=bool(storage.get("embeddings", {}).get("float32")),

@@ -160,3 +160,17 @@ def test_prediction_matches_tensor_measurement_of_a_narrow_moe(tmp_path):
         assert 0.85 <= predicted_gen / r["gen"]["peak"]["Total"] <= 1.15, (precision, r)
         assert r["predicted"]["generation"]["optimizer"] == r["train"]["after"]["_MemRefType.OPT"], precision
     assert result.stdout.strip().splitlines()[-1].startswith("peak: predicted ")
+
+
+def test_a_resumed_stage_keeps_the_launcher_its_checkpoint_was_saved_with(tmp_path):
+    from finetune.pipeline import resumed_launcher
+    from finetune.stages import stages_for
+
+    cfg = resolve("single", "qwen3-30b-a3b", None, {"output_dir": str(tmp_path / "out")}, {}, None, dry_run=True)
+    stages = stages_for(cfg)
+    assert resumed_launcher(cfg, stages) is None  # nothing to resume: the plan decides
+    checkpoint = tmp_path / "out" / "single" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    assert resumed_launcher(cfg, stages) == "none"  # saved under DDP: resuming under DeepSpeed would fail
+    (checkpoint / "global_step4").mkdir()
+    assert resumed_launcher(cfg, stages) is None  # saved by DeepSpeed: ZeRO-2 again

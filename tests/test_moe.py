@@ -51,6 +51,8 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
                       cwd=tmp_path))
     s = assert_moe_stage(tmp_path / "out", "single", backend)
     assert s["experts_implementation"] == "eager" and "MoE experts run as eager" in result.stdout  # auto, CPU
+    # read from the loaded model: on a CPU Unsloth leaves PEFT's expert LoRA (the fold) in place
+    assert s["expert_lora"] == "peft-fold" and s["memory_plan"] is None  # no plan without a GPU
     assert s["packing"]["packing"] == (packing == "true") and s["packing"]["examples"] == 16
     assert (s["packing"]["rows"] < 16) == (packing == "true")
     # the attention the loaded model runs: on a CPU, packed rows get sdpa_varlen
