@@ -133,14 +133,14 @@ def snapshot(tracker, kind: str) -> dict[str, int]:
 
 def measure(model_dir: Path, data: Path, eval_records: list[dict], four_bit: bool, gen_batch: int,
             new_tokens: int, max_length: int = 1536) -> dict:
+    """One precision: the tensor-level peaks of a training step and a generation batch, and the prediction."""
     from callbacks.generation_eval import generate_answers
+    from core.records import load_records
+    from finetune import trl_cpu
     from finetune.lora import plan_targets
     from finetune.model import add_lora, load_base
     from finetune.moe import use_experts_implementation
     from finetune.stages import sft_trainer, stages_for
-    from core.records import load_records
-
-    from finetune import trl_cpu
 
     trl_cpu.install_if_needed()  # as the run does without a GPU: TRL's Triton loss kernel has no driver here
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +220,7 @@ def table(results: dict, layers: int) -> tuple[str, str]:
         pred_train, pred_gen = r["predicted"]["training"], r["predicted"]["generation"]
         measured_opt = r["train"]["after"].get("_MemRefType.OPT", 0)
         pairs = [("training step (first)", sum(pred_train.values()), r["train"]["peak"]["Total"], True),
-                 ("optimizer state after it", _optimizer_predicted(r), measured_opt, False),
+                 ("optimizer state after it", r["predicted"]["generation"]["optimizer"], measured_opt, False),
                  ("generation batch", sum(pred_gen.values()), r["gen"]["peak"]["Total"], True)]
         for name, predicted, measured, is_peak in pairs:
             ratio = predicted / measured if measured else float("nan")
@@ -233,11 +233,6 @@ def table(results: dict, layers: int) -> tuple[str, str]:
     line = (f"peak: predicted {worst[0] / GIB:.2f} GiB, measured {worst[1] / GIB:.2f} GiB at {layers} layers "
             f"(ratio {worst[2]:.2f})")
     return head + "\n" + "\n".join(rows), line
-
-
-def _optimizer_predicted(result: dict) -> float:
-    """AdamW's two float32 moments per trainable parameter (finetune.memory.resident, one process)."""
-    return result["predicted"]["generation"].get("optimizer", 0.0)
 
 
 def main() -> int:
@@ -253,12 +248,9 @@ def main() -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = p.parse_args()
 
-    import torch
-
     from bench.padding import full_scale_mix
     from core import qwen3_tokenizer
 
-    torch.set_num_threads(torch.get_num_threads())
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -276,11 +268,13 @@ def main() -> int:
     body, line = table(results, args.layers)
     print(body)
     if not args.no_record and not args.narrow:
-        append_section(f"Peak memory at Qwen3-30B-A3B's real widths, {args.layers} layers, CPU: predicted vs measured",
-                   f"bench/memory.py: MemTracker (tensor bytes), hf backend, one packed row of "
-                   f"{results[next(iter(results))]['row_tokens']} tokens with gradient checkpointing; a generation "
-                   f"batch of {args.gen_batch} (the eval set's first, real prompt lengths with Qwen3's tokenizer), "
-                       f"{args.new_tokens} new tokens.\n\n{body}\n\n{line}")
+        first = next(iter(results.values()))
+        append_section(
+            f"Peak memory at Qwen3-30B-A3B's real widths, {args.layers} layers, CPU: predicted vs measured",
+            f"bench/memory.py: MemTracker (tensor bytes), hf backend, one packed row of {first['row_tokens']} "
+            f"tokens ({first['trained_tokens']} trained) with gradient checkpointing; a generation batch of "
+            f"{args.gen_batch} (the eval set's first, real prompt lengths with Qwen3's tokenizer), "
+            f"{args.new_tokens} new tokens.\n\n{body}\n\n{line}")
     print(line)
     return 0
 

@@ -1,0 +1,73 @@
+"""Mutations that each guarded test must catch: every one is applied to a copy of the repository, its
+tests run there, and a mutation is "caught" when they fail. Not part of the default test run (minutes).
+
+    .venv/bin/python tests/mutations/run.py [NAME ...]
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name: (file, text, replacement, pytest selection)
+MUTATIONS = {
+    "auto-deepspeed-stays-ddp": (
+        "finetune/memory.py",
+        'return [str(ZERO2_ON_GPU), str(ZERO2_OFFLOAD)], f"auto: bf16 LoRA on {world} GPUs"',
+        'return [""], f"auto: bf16 LoRA on {world} GPUs"',
+        ["tests/test_memory.py", "-k", "users_command or stops_before"]),
+    "gpu-run-not-refused": (
+        "finetune/pipeline.py",
+        "    if memory.fits or not cfg.check_memory:\n        return memory",
+        "    if True:\n        return memory",
+        ["tests/test_memory.py", "-k", "stops_before"]),
+    "lm-head-on-every-position": (
+        "finetune/memory.py",
+        "trained = tokens if trained_tokens is None else trained_tokens",
+        "trained = tokens",
+        ["tests/test_memory.py", "-k", "narrow"]),
+    "4bit-lora-in-float32": (
+        "finetune/preflight.py",
+        'lora_bytes=2 if cfg.load_in_4bit and backend == "hf" else 4',
+        "lora_bytes=4",
+        ["tests/test_memory.py", "-k", "narrow"]),
+    "ddp-shards-nothing": (
+        "finetune/memory.py",
+        "optimizer = 0 if launcher.offload else 12 * p / w",
+        "optimizer = 0 if launcher.offload else 12 * p",
+        ["tests/test_memory.py", "-k", "resident"]),
+}
+
+
+def run(name: str) -> bool:
+    path, text, replacement, selection = MUTATIONS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "data", "__pycache__"))
+        source = (copy / path).read_text(encoding="utf-8")
+        if source.count(text) != 1:
+            raise SystemExit(f"{name}: the text to mutate is not once in {path}; update tests/mutations/run.py")
+        (copy / path).write_text(source.replace(text, replacement), encoding="utf-8")
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
+                                cwd=copy, capture_output=True, text=True)
+    return result.returncode != 0
+
+
+def main() -> int:
+    names = sys.argv[1:] or list(MUTATIONS)
+    missed = []
+    for name in names:
+        caught = run(name)
+        print(f"{'caught' if caught else 'MISSED'}  {name}", flush=True)
+        missed += [] if caught else [name]
+    print(f"{len(names) - len(missed)} of {len(names)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
