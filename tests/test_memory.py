@@ -144,7 +144,7 @@ def test_a_gpu_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch)
 
 def test_prediction_matches_tensor_measurement_of_a_narrow_moe(tmp_path):
     """bench/memory.py on a narrow Qwen3-MoE (hidden 512, 16 experts; 2 layers), bf16 and 4-bit: every
-    peak predicted within 15% of what torch's MemTracker measured, and the optimizer state exactly."""
+    peak predicted within 15% of what torch's MemTracker measured, and the optimizer state to 1e-4."""
     out = tmp_path / "measured.json"
     narrow = "hidden_size=512,num_experts=16,moe_intermediate_size=192,num_attention_heads=8," \
              "num_key_value_heads=2,head_dim=64"
@@ -158,7 +158,9 @@ def test_prediction_matches_tensor_measurement_of_a_narrow_moe(tmp_path):
         predicted_gen = sum(r["predicted"]["generation"].values())
         assert 0.85 <= predicted_train / r["train"]["peak"]["Total"] <= 1.15, (precision, r)
         assert 0.85 <= predicted_gen / r["gen"]["peak"]["Total"] <= 1.15, (precision, r)
-        assert r["predicted"]["generation"]["optimizer"] == r["train"]["after"]["_MemRefType.OPT"], precision
+        # AdamW's moments per trainable parameter, counted on the meta model (within a few parameters)
+        assert r["predicted"]["generation"]["optimizer"] == pytest.approx(r["train"]["after"]["_MemRefType.OPT"],
+                                                                          rel=1e-4), precision
     assert result.stdout.strip().splitlines()[-1].startswith("peak: predicted ")
 
 
