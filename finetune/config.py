@@ -110,6 +110,8 @@ class FinetuneConfig:
     # generation eval (gen_* metrics) at each evaluation and at the end
     gen_eval: bool = True
     gen_eval_max_samples: int = 0  # 0 = every eval record (after eval_max_samples)
+    # 0 = auto: on a GPU the largest of 64, 32, 16, ... whose generation-eval peak fits the memory plan (with
+    # the eval set's own prompt lengths), 16 on a CPU
     gen_eval_batch_size: int = 32
     # adapter/ = the evaluated step with the best value of best_metric among those meeting every
     # best_metric_constraint ("METRIC<=NUMBER", also >=, <, >; comma-separated); adapter_last/ = the last
@@ -186,11 +188,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_name": "unsloth/Qwen3-30B-A3B-Instruct-2507", "output_dir": "outputs/qwen3-30b-a3b",
         "dtype": "bfloat16", "max_length": 1536, "micro_batch_size": 1, "packing": True,
         "gradient_accumulation_steps": 6, "learning_rate": 2e-4, "num_epochs": 1.5,
-        "eval_steps": 200, "save_steps": 200, "save_total_limit": 3, "eval_max_samples": 500,
-        "mlflow": True,
-        # 16, not 32: with prompts as long as max_length, a batch of 32 needs ~75 GiB of an 80 GB card during
-        # the generation eval (finetune/memory.py; the dry run prints it); 16 stays under 72 GiB
-        "gen_eval_batch_size": 16,
+        "save_steps": 200, "save_total_limit": 3, "mlflow": True,
+        # Evaluation kept to ~10% of the training time the dry run predicts (finetune/timing.py): a decode step
+        # reads (and on PEFT's path refolds) every expert whatever the batch, and a batch decodes until its
+        # longest answer ends, so fewer, larger batches on a fixed subset (the same records at every
+        # evaluation, curves compare) every 400 steps; eval_loss on 500 records in batches of 8. Score the
+        # whole validation set afterwards: `parity.py evaluate --adapter OUT/single/adapter --data VAL.json`.
+        "eval_steps": 400, "eval_max_samples": 500, "eval_batch_size": 8,
+        "gen_eval_max_samples": 256, "gen_eval_batch_size": 0,
     },
 }
 
@@ -339,9 +344,11 @@ def validate(cfg: FinetuneConfig, *, dry_run: bool = False, world: int | None = 
         raise ConfigError(f"unknown chat_template '{cfg.chat_template}'; valid names: "
                           f"{', '.join(CHAT_TEMPLATES)} (tokenizer_default = the model's own template)")
     for key in ("lora_r", "lora_alpha", "micro_batch_size", "gradient_accumulation_steps", "max_length",
-                "logging_steps", "eval_steps", "save_steps", "eval_batch_size", "gen_eval_batch_size"):
+                "logging_steps", "eval_steps", "save_steps", "eval_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.gen_eval_batch_size < 0:
+        raise ConfigError(f"'gen_eval_batch_size' must be at least 1, or 0 for auto; got {cfg.gen_eval_batch_size}")
     if cfg.attn_implementation.startswith("flash_attention") and cfg.dtype == "float32":
         raise ConfigError(f"attn_implementation={cfg.attn_implementation} computes in bfloat16/float16 only, "
                           "and dtype is float32: set dtype=bfloat16, or attn_implementation=auto")

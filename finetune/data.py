@@ -169,4 +169,5 @@ def length_report(records: list[dict], tokenizer, max_length: int, sample: int =
     over = sum(n > max_length for n in lengths)
     scale = len(records) / max(len(subset), 1)
     return {"examples": len(records), "measured": len(subset), "tokens": percentiles(lengths),
+            "tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1),
             "over_max_length": round(over * scale), "max_length": max_length}

@@ -21,7 +21,7 @@ both call `plan(...)` with the meta model's parameter counts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GIB = 1024 ** 3
@@ -226,6 +226,13 @@ class Workload:
     new_tokens: int  # the answer budget
     checkpointing: bool = True
     distill: bool = False
+    gen_batch_auto: bool = False  # gen_eval_batch_size=0: the plan picks the largest of AUTO_GEN_BATCHES that fits
+
+
+# A decode step on the MoE reads about the same weights for 16 rows as for 64 (and on PEFT's path refolds
+# every expert): bigger batches cost little more per step and share it (finetune/timing.py).
+AUTO_GEN_BATCHES = (64, 32, 16, 8, 4, 2, 1)
+CPU_GEN_BATCH = 16  # a CPU decodes 16 rows faster than 32 (bench/generation_eval.py)
 
 
 def deepspeed_candidates(cfg, world: int, gpu: bool) -> tuple[list[str], str]:
@@ -274,6 +281,8 @@ class MemoryPlan:
     device_gib: float
     fits: bool
     options: list[tuple[str, Estimate]] = field(default_factory=list)  # what would fit, when it does not
+    gen_batch: int = 0  # the generation-eval batch planned (chosen here for gen_eval_batch_size=0)
+    gen_batch_auto: bool = False
 
     def report(self) -> dict:
         def gib(x: float) -> float:
@@ -286,6 +295,7 @@ class MemoryPlan:
                 "training_gib": {k: gib(v) for k, v in est.training.items()},
                 "gen_eval_gib": {k: gib(v) for k, v in est.generation.items()},
                 "overhead_gib": gib(est.overhead),
+                "gen_eval_batch_size": self.gen_batch or None, "gen_eval_batch_size_auto": self.gen_batch_auto,
                 "options": [{"change": change, "training_peak_gib": gib(o.training_peak),
                              "gen_eval_peak_gib": gib(o.generation_peak)} for change, o in self.options]}
 
@@ -310,10 +320,16 @@ def plan(cfg, shape: Shape, world: int, work: Workload, gpu: bool = True,
     weights, offered as a way out of a bf16 plan."""
     device = device_gib(cfg)
     candidates, why = deepspeed_candidates(cfg, world, gpu)
-    scored = [(ds, run_estimate(shape, ds, world, work, gpu)) for ds in candidates]
-    chosen = next(((ds, est) for ds, est in scored if fits(est, device)),
-                  min(scored, key=lambda pair: max(pair[1].training_peak, pair[1].generation_peak)))
-    result = MemoryPlan(chosen[0], why, chosen[1], device, fits(chosen[1], device))
+    # the launcher first (a faster training step matters more than a larger generation batch), then the
+    # largest generation batch it fits (gen_eval_batch_size=0)
+    batches = AUTO_GEN_BATCHES if work.gen_batch and work.gen_batch_auto else (work.gen_batch,)
+    scored = [(ds, replace(work, gen_batch=batch)) for ds in candidates for batch in batches]
+    scored = [(ds, w, run_estimate(shape, ds, world, w, gpu)) for ds, w in scored]
+    chosen = next(((ds, w, est) for ds, w, est in scored if fits(est, device)),
+                  min(scored, key=lambda item: max(item[2].training_peak, item[2].generation_peak)))
+    work = chosen[1]
+    result = MemoryPlan(chosen[0], why, chosen[2], device, fits(chosen[2], device), gen_batch=work.gen_batch,
+                        gen_batch_auto=work.gen_batch_auto)
     if not result.fits:
         options = list(alternatives(shape, chosen[0], world, work, gpu, four_bit))
         result.options = [(change, est) for change, est in options if fits(est, device)] or sorted(

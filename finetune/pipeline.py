@@ -26,6 +26,7 @@ from finetune import config as config_mod
 from finetune.config import FinetuneConfig
 from finetune.data import StageData, describe_packing, length_report, stage_data
 from finetune.forgetting import measure_forgetting
+from finetune.memory import CPU_GEN_BATCH
 from finetune.moe import TaskLossCallback, expert_lora_path, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
 from finetune.rehearsal import load_general, plan_general, text_rows
@@ -320,6 +321,7 @@ class Recipe:
             world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=model_info["attn_implementation"],
             experts_implementation=model_info["experts_implementation"], expert_lora=model_info["expert_lora"],
             memory_plan=self.memory.report() if self.memory else None, libraries=libraries,
+            ddp_find_unused_parameters=trainer.args.ddp_find_unused_parameters,
             python=sys.version.split()[0])
         if trainer.is_world_process_zero():
             import yaml
@@ -358,6 +360,8 @@ def check_memory(cfg: FinetuneConfig, stages: list[Stage] = (), resume: bool = F
     import torch
 
     if not torch.cuda.is_available():
+        if cfg.gen_eval_batch_size == 0:
+            cfg.gen_eval_batch_size = CPU_GEN_BATCH
         return None
     from finetune.preflight import run_memory_plan
 
@@ -371,6 +375,8 @@ def check_memory(cfg: FinetuneConfig, stages: list[Stage] = (), resume: bool = F
     if cfg.deepspeed == "auto":
         cfg.deepspeed = resumed_launcher(cfg, stages) if resume else None
         cfg.deepspeed = cfg.deepspeed if cfg.deepspeed is not None else (memory.deepspeed or "auto")
+    if cfg.gen_eval_batch_size == 0:
+        cfg.gen_eval_batch_size = max(memory.gen_batch, 1)
     say(f"memory plan: {memory.describe()}")
     if memory.fits or not cfg.check_memory:
         return memory

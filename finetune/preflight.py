@@ -14,20 +14,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 
-from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget, prompt_lengths
+from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget, gold_answer_lengths, prompt_lengths
 from core.records import seeded_subset
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
 from finetune.data import length_report, load_split
 from finetune.lora import CATEGORIES, count_parameters, plan_targets
-from finetune.memory import GIB, MemoryPlan, Shape, Workload, plan, shape_of
+from finetune.memory import AUTO_GEN_BATCHES, GIB, MemoryPlan, Shape, Workload, plan, shape_of
 from finetune.moe import describe as describe_aux_loss
 from finetune.moe import router_aux_loss_setting, use_experts_implementation
-from finetune.quant_experts import describe_storage
+from finetune.quant_experts import NF4_BYTES_PER_WEIGHT, describe_storage
 from finetune.selection import describe_plan
 from finetune.stages import flattens_packed_rows, stages_for
+from finetune.timing import TimePlan, gpu_rates, time_plan
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_PROBE_TIMEOUT_S = 3
@@ -117,8 +119,6 @@ def meta_model(cfg: FinetuneConfig):
     return model, model_config, shipped
 
 
-# NF4 with double quantisation: 4 bits per weight + an 8-bit scale per 64-weight block (+ tiny second level)
-NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64
 QUANTIZED = ("attention", "dense_mlp", "experts")  # what load_in_4bit stores as NF4 (experts: quant_experts)
 
 
@@ -157,13 +157,14 @@ def workload(cfg: FinetuneConfig, tokenizer, eval_records: list[dict] | None) ->
     """(the sizes the memory peaks depend on, whether the generation eval's were measured): packed rows
     are full (micro_batch_size x max_length tokens); the generation batch's prompt and answer budget are
     the eval set's longest, else bounded by max_length."""
-    gen_batch = cfg.gen_eval_batch_size if cfg.gen_eval and cfg.eval_file else 0
+    gen_batch = (cfg.gen_eval_batch_size or AUTO_GEN_BATCHES[0]) if cfg.gen_eval and cfg.eval_file else 0
     prompt, answer, measured = cfg.max_length, cfg.max_length + ANSWER_MARGIN_TOKENS, False
     if gen_batch and tokenizer is not None and eval_records:
         prompt = max(prompt_lengths(eval_records, tokenizer))
         answer, measured = answer_token_budget(eval_records, tokenizer), True
     work = Workload(tokens=cfg.micro_batch_size * cfg.max_length, gen_batch=gen_batch, prompt_tokens=prompt,
-                    new_tokens=answer, checkpointing=cfg.gradient_checkpointing, distill=cfg.distill_lambda > 0)
+                    new_tokens=answer, checkpointing=cfg.gradient_checkpointing, distill=cfg.distill_lambda > 0,
+                    gen_batch_auto=cfg.gen_eval_batch_size == 0)
     return work, measured
 
 
@@ -222,6 +223,49 @@ def run_memory_plan(cfg: FinetuneConfig, world: int) -> MemoryPlan:
                        choose_backend(cfg.backend)[0], world, work)
 
 
+def stage_steps(cfg: FinetuneConfig, stage, report: dict, world: int) -> int:
+    """Optimizer steps of a stage from its measured lengths: packed rows taken as full."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = world * cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    if cfg.packing:
+        rows = report["examples"] * min(report["tokens_mean"], cfg.max_length) / cfg.max_length
+    else:
+        rows = report["examples"]
+    return max(1, math.ceil(rows * stage.num_epochs / per_step))
+
+
+def time_plans(cfg: FinetuneConfig, shape, rank: int, world: int, tokenizer, data: dict,
+               gen_batch: int) -> dict[str, TimePlan]:
+    """Each stage's time on the GPU the run will use (the default's rates without one): training from the
+    measured lengths, the generation eval on the records it will score."""
+    import torch
+
+    rates = gpu_rates(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    records = gen_eval_records(cfg) if tokenizer is not None else None
+    prompts = prompt_lengths(records, tokenizer) if records else []
+    answers = gold_answer_lengths(records, tokenizer) if records else []
+    budget = max(answers) + ANSWER_MARGIN_TOKENS if answers else 0
+    evaluated = load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed) if records else []
+    eval_examples = len(evaluated)
+    # eval_loss runs the full chats: a prompt and its answer
+    eval_mean = (sum(prompts) + sum(answers)) / len(prompts) if prompts else 0
+    plans = {}
+    for stage in stages_for(cfg):
+        report = data.get(stage.name)
+        if not report or "tokens_mean" not in report:
+            continue
+        mean = min(report["tokens_mean"], cfg.max_length)
+        micro = cfg.micro_batch_size * (cfg.max_length if cfg.packing else mean)
+        plans[stage.name] = time_plan(
+            shape, rates, step_tokens=round(micro * cfg.gradient_accumulation_steps), micro_tokens=round(micro),
+            steps=stage_steps(cfg, stage, report, world), eval_steps=cfg.eval_steps, context=mean / 2, rank=rank,
+            checkpointing=cfg.gradient_checkpointing, prompts=prompts, answers=answers,
+            gen_batch=gen_batch, world=world, budget=budget,
+            loss_examples=eval_examples, loss_batch=cfg.eval_batch_size, loss_tokens=round(eval_mean))
+    return plans
+
+
 def print_memory(cfg: FinetuneConfig, memory: MemoryPlan, work: Workload, gen_measured: bool,
                  loading: float | None) -> None:
     """The memory lines of the report: the verdict, each peak by component, and what would fit instead."""
@@ -234,7 +278,9 @@ def print_memory(cfg: FinetuneConfig, memory: MemoryPlan, work: Workload, gen_me
           f"{est.overhead / GIB:.2f} (1 x {work.tokens} tokens per micro-batch)")
     if est.generation:
         budget = "measured on the eval set" if gen_measured else "not measured: bounded by max_length"
-        print(f"  gen eval   {est.generation_peak / GIB:.1f} GiB: {parts(est.generation)} (batch {work.gen_batch} "
+        batch = f"batch {memory.gen_batch}" + ((" (auto: the largest that fits)" if memory.fits else " (auto)")
+                                               if memory.gen_batch_auto else "")
+        print(f"  gen eval   {est.generation_peak / GIB:.1f} GiB: {parts(est.generation)} ({batch} "
               f"x ({work.prompt_tokens} prompt + {work.new_tokens} answer) tokens, {budget})")
     for option in memory.describe_options():
         print(f"  instead    {option}")
@@ -275,6 +321,8 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     work, gen_measured = workload(cfg, tokenizer, gen_eval_records(cfg))
     memory = memory_plan(cfg, peft_model, model_config, counts["trainable"], backend, world, work)
     launcher = memory.estimate.launcher
+    timing = time_plans(cfg, memory_shape(cfg, peft_model, model_config, counts["trainable"], backend),
+                        plan.expert_rank or cfg.lora_r, world, tokenizer, data, memory.gen_batch)
     loading = weights_while_loading(storage)
     report = {
         "model": cfg.model_name, "model_config_shipped": shipped_config, "model_class": type(model).__name__,
@@ -295,6 +343,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         "gen_eval_prompt_tokens": work.prompt_tokens if gen_measured else None,
         "memory": {**memory.report(), "weights_while_loading_gib": round(loading / GIB, 2) if loading else None},
         "packing": cfg.packing, "experts_implementation": experts, "attn_implementation": attention,
+        "time": {name: t.report() for name, t in timing.items()},
     }
     print("\n=== preflight (dry run: nothing was trained) ===")
     print(f"model        {cfg.model_name} ({report['model_class']}), {base_counts['total']:,} parameters, "
@@ -328,6 +377,9 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         print(f"data {name:<7} {d['examples']:,} examples{lengths}")
     print(f"weights      {describe_storage(storage)}")
     print_memory(cfg, memory, work, gen_measured, loading)
+    for name, t in timing.items():
+        for i, line in enumerate(t.describe()):
+            print(f"{'time ' + name if i == 0 else '':<12} {line}")
     if experts:
         print(f"experts      {experts} on a GPU (experts_implementation={cfg.experts_implementation}, "
               f"backend {backend})")

@@ -36,6 +36,8 @@ from finetune.lora import category
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 BLOCKSIZE = 64
+# stored bytes per expert weight: 4-bit codes and, with compressed statistics, a byte of absmax per block
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / BLOCKSIZE
 
 
 class NF4State:

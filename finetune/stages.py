@@ -55,7 +55,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 # Keys that change neither what a stage trains nor what it measures: a completed stage stays valid
 # (the launcher too: `deepspeed=auto` resolves per machine, and a DDP stage is not retrained for ZeRO-2's sake)
-RUN_ONLY_KEYS = {"deepspeed", "device_memory_gib", "check_memory",
+RUN_ONLY_KEYS = {"deepspeed", "device_memory_gib", "check_memory", "gen_eval_batch_size",
                  "mlflow", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_run_name", "mlflow_require",
                  "report_to", "watchdog_first_step_s", "watchdog_step_s", "watchdog_pause_s", "ddp_timeout",
                  "dataset_num_proc", "dataloader_num_workers", "extra_callbacks"}

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks in one call, for a lent GPU machine whose Python has torch/transformers/accelerate but
-# not the rest of our stack: `bash scripts/gpu_checks.sh [STEPS...]` (default: smoke packing pytest bench).
-#   smoke   the tiny MoE the user's way (--mode single, generation eval on padded batches of 4, packing,
-#           gradient checkpointing) on Unsloth and hf, bf16 and 4-bit; then --mode two-stage on Unsloth
-#   packing the packed-batch check on CUDA (each trained token's loss as with its example alone; Unsloth's
-#           own attention on dense Qwen3 gets flattened rows; the MoE in bf16 on auto attention, flash-attn
-#           where it imports): tests/test_gpu.py -k packed_examples
-#   pytest  pytest -m gpu (Qwen3-30B-A3B's widths, 2 layers: train, evaluate, checkpoint, --resume)
-#   bench   python -m bench.gpu (tokens/s, MFU, peak memory, evaluation seconds)
-# The missing packages come as one tarball, .whl/site.tgz (built by scripts/gpu_site.sh), unpacked to
-# /tmp/site and put first on sys.path by a .pth file, so that every child process (torchrun, pytest's
-# subprocesses, which set their own PYTHONPATH) sees them. Logs go to $OUT/logs.tgz after each step; a
-# table at the end. First measured on an H200 on 2026-11-30 (bench/RESULTS.md).
+# The GPU checks for one 15-minute window on a lent GPU machine whose Python has torch/transformers/
+# accelerate but not the rest of our stack: `bash scripts/gpu_checks.sh [STEPS...]`, in order of evidence
+# per minute (default: probe probe8 two-stage zero2 pytest):
+#   probe     the real-width probe (bench/probe.py): Qwen3-30B-A3B's widths at 4 layers, bf16 and 4-bit,
+#             Unsloth and hf: peak memory and time of a packed 1 x 1536 training step, a prefill and decode
+#             steps of a generation batch of 64 (the preset's auto batch), each against the dry run's plan
+#   probe8    the same at 8 layers, bf16 on Unsloth (the user's run): the per-layer slope
+#   two-stage the 4-bit two-stage run at 2 real-width layers killed in stage 2 and resumed (tests/test_gpu.py)
+#   zero2     torchrun --nproc_per_node=1 with each shipped ZeRO-2 config (DeepSpeed carried; zero2.json
+#             compiles CPU Adam), killed after a checkpoint and resumed (tests/test_gpu.py)
+#   pytest    the rest of pytest -m gpu (both backends x precisions at 2 real-width layers, packing on CUDA)
+#   smoke     (not by default: ran on 2026-11-30) the tiny MoE on Unsloth and hf, bf16 and 4-bit
+#   bench     (not by default) python -m bench.gpu: tokens/s and MFU over several steps
+# Each step has its own time limit and is skipped when the budget left is shorter; logs and
+# bench/RESULTS.md go to $OUT after every step. The missing packages come as one tarball, .whl/site.tgz
+# (built by scripts/gpu_site.sh), unpacked to /tmp/site and put first on sys.path by a .pth file, so that
+# every child process (torchrun, pytest's subprocesses, which set their own PYTHONPATH) sees them.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 LOGS=$(mktemp -d)
-STEPS=${*:-smoke packing pytest bench}
-BUDGET_S=${BUDGET_S:-520}  # keep under the call's timeout_s: a killed script returns no table
+STEPS=${*:-probe probe8 two-stage zero2 pytest}
+BUDGET_S=${BUDGET_S:-560}  # keep under the call's timeout_s (600 at most): a killed script returns no table
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 START=$SECONDS
@@ -73,10 +77,23 @@ for step in $STEPS; do
       model_name=tiny-moe max_train_samples=16 max_steps=2 eval_steps=1 eval_max_samples=8 \
       gen_eval_max_samples=8 gen_eval_batch_size=4 micro_batch_size=4 "output_dir=$LOGS/out-two-stage"
     ;;
+  probe)
+    run_step "probe-4-layers" 330 $PY -m bench.probe --layers 4 --precisions bf16,4bit --backends unsloth,hf \
+      --gen-batch 64 --new-tokens 8 ;;
+  probe8)
+    run_step "probe-8-layers" 180 $PY -m bench.probe --layers 8 --precisions bf16 --backends unsloth \
+      --gen-batch 64 --new-tokens 8 ;;
+  two-stage)
+    run_step "two-stage-resume" 240 $PY -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py \
+      -k killed_in_stage2 ;;
+  zero2)
+    run_step "zero2-torchrun" 300 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+      -k one_gpu_deepspeed ;;
   packing)
     run_step "packing-gpu" 300 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k packed_examples ;;
   pytest)
-    run_step "pytest-gpu" 330 $PY -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py ;;
+    run_step "pytest-gpu" 330 $PY -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py \
+      -k "not killed_in_stage2 and not one_gpu_deepspeed" ;;
   bench)
     run_step "bench-gpu" 300 $PY -m bench.gpu --only moe --moe-layers 4 --steps 8 --micro-batch 4 ;;
   esac

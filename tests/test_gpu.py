@@ -97,6 +97,42 @@ def test_moe_trains_evaluates_checkpoints_and_resumes(moe_dir, tmp_path, backend
     assert_adapter_only(stage, s["trainable_parameters"]["trainable"])
 
 
+def test_two_stage_killed_in_stage2_resumes_without_retraining_stage1(moe_dir, tmp_path):
+    """The 4-bit two-stage run at real widths (backend auto), killed after stage 2's checkpoint-4: --resume
+    keeps the complete stage 1 and trains stage 2's steps 5 and 6 only."""
+    args = ["--mode", "two-stage", f"model_name={moe_dir}", "output_dir=out", *RUN[2:], "load_in_4bit=true"]
+    first = train(*args, "extra_callbacks=trainer_hooks.KillProcessAt", cwd=tmp_path,
+                  launcher=["setsid", "-w", sys.executable],
+                  env={"KILL_AT_STEP": "5", "KILL_PGID": "0", "KILL_IN_STAGE": "stage2"})
+    assert first.returncode == -signal.SIGTERM, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "stage1" / "COMPLETE").exists() and not (out / "stage2" / "COMPLETE").exists()
+    stage1_summary = (out / "stage1" / "run_summary.json").read_text()
+    resumed = ok(train(*args, "--resume", cwd=tmp_path))
+    assert (out / "stage1" / "run_summary.json").read_text() == stage1_summary  # not retrained
+    assert any("resuming from" in line and line.endswith("checkpoint-4") for line in resumed.stdout.splitlines())
+    s = summary(out, "stage2")
+    assert s["global_step"] == 6 and [step for step, _ in s["train_losses"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("zero2", ["zero2_no_offload.json", "zero2.json"])
+def test_torchrun_one_gpu_deepspeed_zero2_saves_and_resumes(moe_dir, tmp_path, zero2):
+    """torchrun with one rank under each shipped ZeRO-2 config (zero2.json offloads AdamW: DeepSpeed's CPU
+    Adam compiles on first use), killed after checkpoint-4 and resumed from it."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -r requirements-gpu.txt)")
+    args = [f"model_name={moe_dir}", "output_dir=out", *RUN, "load_in_4bit=false",
+            "--deepspeed", str(REPO / "deepspeed_configs" / zero2)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone"]
+    first = train(*args, "extra_callbacks=trainer_hooks.KillProcessAt", cwd=tmp_path,
+                  launcher=["setsid", "-w", *torchrun], env={"KILL_AT_STEP": "5", "KILL_PGID": "0"})
+    assert first.returncode != 0 and (tmp_path / "out" / "single" / "checkpoint-4").is_dir(), first.stderr[-3000:]
+    assert any((tmp_path / "out" / "single" / "checkpoint-4").glob("global_step*"))  # a DeepSpeed checkpoint
+    resumed = ok(train(*args, "--resume", cwd=tmp_path, launcher=torchrun))
+    assert any("resuming from" in line and line.endswith("checkpoint-4") for line in resumed.stdout.splitlines())
+    s = assert_trains_and_evaluates(tmp_path / "out")
+    assert s["world_size"] == 1
+
+
 def test_torchrun_two_gpus_deepspeed_zero2(moe_dir, tmp_path):
     """The user's multi-GPU launch (backend auto, as in the README), generation eval sharded over the ranks."""
     if torch.cuda.device_count() < 2:

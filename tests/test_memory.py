@@ -131,8 +131,11 @@ def test_a_gpu_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "80", "backend": "hf"}, {}, None,
                   dry_run=True)
+    assert cfg.gen_eval_batch_size == 0  # the preset's auto
     pipeline.check_memory(cfg)  # fits: auto becomes the ZeRO-2 file the plan chose
     assert cfg.deepspeed == str(ZERO2_ON_GPU)
+    # and the generation batch the largest that fits: prompts bounded by max_length without an eval set
+    assert cfg.gen_eval_batch_size == 16
     small = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "40", "backend": "hf"}, {}, None,
                     dry_run=True)
     with pytest.raises(ConfigError) as e:
@@ -176,3 +179,22 @@ def test_a_resumed_stage_keeps_the_launcher_its_checkpoint_was_saved_with(tmp_pa
     assert resumed_launcher(cfg, stages) == "none"  # saved under DDP: resuming under DeepSpeed would fail
     (checkpoint / "global_step4").mkdir()
     assert resumed_launcher(cfg, stages) is None  # saved by DeepSpeed: ZeRO-2 again
+
+
+def test_auto_generation_batch_is_the_largest_that_fits_after_the_launcher_and_16_on_a_cpu(monkeypatch):
+    from finetune import pipeline
+
+    moe = replace(SHAPE, layers=48, hidden=2048, kv_heads=4, experts=128, top_k=8, expert_width=768,
+                  base_bytes=57 * GIB, lora_params=642_514_944)
+    cfg = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "80"}, {}, None, dry_run=True)
+    short = Workload(tokens=1536, gen_batch=64, prompt_tokens=300, new_tokens=200, gen_batch_auto=True)
+    chosen = plan(cfg, moe, 4, short)
+    assert chosen.fits and chosen.gen_batch == 64 and chosen.deepspeed == str(ZERO2_ON_GPU)
+    # prompts as long as max_length: a smaller batch, on the same (faster) launcher rather than offloading
+    long = plan(cfg, moe, 4, replace(short, prompt_tokens=1536, new_tokens=1552))
+    assert long.fits and long.gen_batch < 64 and long.deepspeed == str(ZERO2_ON_GPU)
+    assert plan(cfg, moe, 4, replace(short, prompt_tokens=1536, new_tokens=1552, gen_batch=32,
+                                     gen_batch_auto=False)).gen_batch == 32  # a batch set by the user is kept
+    assert chosen.report()["gen_eval_batch_size"] == 64 and chosen.report()["gen_eval_batch_size_auto"]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert pipeline.check_memory(cfg) is None and cfg.gen_eval_batch_size == 16

@@ -36,7 +36,13 @@ class SlowSteps(TrainerCallback):
 
 
 class KillProcessAt(TrainerCallback):
+    """SIGTERM to process group KILL_PGID when step KILL_AT_STEP ends (only in the stage folder named
+    KILL_IN_STAGE, when set: a two-stage run counts its steps from 1 again in stage 2)."""
+
     def on_step_end(self, args, state, control, **kwargs):
+        stage = os.environ.get("KILL_IN_STAGE")
+        if stage and os.path.basename(os.path.normpath(args.output_dir)) != stage:
+            return
         if state.global_step == int(os.environ["KILL_AT_STEP"]):
             os.killpg(int(os.environ["KILL_PGID"]), signal.SIGTERM)
             time.sleep(2)  # let it go down before the next log call

@@ -41,6 +41,26 @@ MUTATIONS = {
         "optimizer = 0 if launcher.offload else 12 * p / w",
         "optimizer = 0 if launcher.offload else 12 * p",
         ["tests/test_memory.py", "-k", "resident"]),
+    "decode-without-the-fold": (
+        "finetune/timing.py",
+        'FOLD_TRAFFIC = {"peft": 8.0,',
+        'FOLD_TRAFFIC = {"peft": 0.0,',
+        ["tests/test_timing.py", "-k", "refolds"]),
+    "batches-decode-the-shortest-answer": (
+        "finetune/timing.py",
+        "steps = min(max(a[i] for i in rows) + 1, budget)",
+        "steps = min(min(a[i] for i in rows) + 1, budget)",
+        ["tests/test_timing.py", "-k", "longest_answer"]),
+    "preset-evaluates-every-200-steps": (
+        "finetune/config.py",
+        '"eval_steps": 400, "eval_max_samples": 500,',
+        '"eval_steps": 200, "eval_max_samples": 500,',
+        ["tests/test_timing.py", "-k", "production"]),
+    "auto-gen-batch-ignores-the-plan": (
+        "finetune/pipeline.py",
+        "        cfg.gen_eval_batch_size = max(memory.gen_batch, 1)",
+        "        cfg.gen_eval_batch_size = 64",
+        ["tests/test_memory.py", "-k", "stops_before"]),
 }
 
 
