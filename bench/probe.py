@@ -24,7 +24,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +37,7 @@ from bench.memory import build_model_folder, first_gen_batch, one_full_row, run_
 from bench.results import append_section
 
 GIB = 1024 ** 3
+REPO = Path(__file__).resolve().parent.parent
 
 
 def copy_bandwidth(device: str, gib: float = 1.0) -> float:
@@ -97,7 +102,7 @@ def step_timer(device: str, last_step: int):
 
 
 def measure(model_dir: Path, data: Path, eval_records: list[dict], backend: str, four_bit: bool,
-            gen_batch: int, new_tokens: int, steps: int, device: str) -> dict:
+            gen_batch: int, new_tokens: int, steps: int, device: str, max_length: int = 1536) -> dict:
     from callbacks.generation_eval import generate_answers, prompt_lengths
     from core.records import load_records
     from finetune import trl_cpu
@@ -108,8 +113,8 @@ def measure(model_dir: Path, data: Path, eval_records: list[dict], backend: str,
 
     trl_cpu.install_if_needed()  # as the run does without a GPU
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = dataclasses.replace(run_config(model_dir, data, Path(tmp), four_bit, gen_batch), max_steps=steps,
-                                  backend=backend)
+        cfg = dataclasses.replace(run_config(model_dir, data, Path(tmp), four_bit, gen_batch, max_length),
+                                  max_steps=steps, backend=backend)
         model, tokenizer = load_base(cfg, backend)
         experts = use_experts_implementation(model, cfg.experts_implementation, on_gpu=device == "cuda")
         model = add_lora(model, cfg, backend, plan_targets(model, cfg))
@@ -118,6 +123,8 @@ def measure(model_dir: Path, data: Path, eval_records: list[dict], backend: str,
         trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), model, tokenizer, rows, [timer])
         trainer.train()
         model.eval()
+        # untimed first: a first generate pays one-time costs (Unsloth's inference switch, kernel choices)
+        generate_answers(model, tokenizer, eval_records, batch_size=gen_batch, max_new_tokens=1 + new_tokens)
         timed, peaks = {}, {}
         for tokens in (1, 1 + new_tokens):
             reset_peak(device)
@@ -171,10 +178,13 @@ def predicted(m: dict, rates, gen_batch: int, new_tokens: int, device: str) -> d
     return out
 
 
-def device_rates(device: str):
-    from finetune.timing import Rates, gpu_rates
+def device_rates(device: str) -> tuple[dict, str]:
+    """(the Rates the prediction uses, as a dict, a note on them): on a GPU the dry run's own, on a CPU
+    this CPU's measured in this run at full share."""
+    import dataclasses as dc
 
     from bench.flops import matmul_rate
+    from finetune.timing import Rates, gpu_rates
 
     measured_flops, measured_bw = matmul_rate(device, "bfloat16"), copy_bandwidth(device)
     if device == "cuda":
@@ -184,26 +194,54 @@ def device_rates(device: str):
         note = (f"the dry run's rates ({rates.name}: {rates.flops / 1e12:.0f} TFLOP/s x {rates.matmul_share}, "
                 f"{rates.bandwidth / 1e12:.2f} TB/s x {rates.bandwidth_share}); measured here: bf16 matmul "
                 f"{measured_flops / 1e12:.0f} TFLOP/s, copy {measured_bw / 1e12:.2f} TB/s")
-        return rates, note
+        return dc.asdict(rates), note
     rates = Rates("this CPU", measured_flops, measured_bw, matmul_share=1.0, bandwidth_share=1.0,
                   layer_overhead_s=0.0, source="measured in this run")
-    return rates, (f"this CPU's rates measured in this run at full share, no per-layer cost: bf16 matmul "
-                   f"{measured_flops / 1e9:.0f} GFLOP/s, copy {measured_bw / 1e9:.1f} GB/s")
+    return dc.asdict(rates), (f"this CPU's rates measured in this run at full share, no per-layer cost: bf16 "
+                              f"matmul {measured_flops / 1e9:.0f} GFLOP/s, copy {measured_bw / 1e9:.1f} GB/s")
 
 
 def rows_of(label: str, m: dict, pred: dict, gen_batch: int) -> list[str]:
+    def ratio(predicted: float, measured: float) -> str:
+        return f"{predicted / measured:.2f}" if measured > 0 else "-"
+
     rows = []
     for phase, what in (("step_s", f"training step (1 x {m['row_tokens']} tokens)"),
                         ("prefill_s", f"prefill ({gen_batch} x {m['prompt_tokens']})"),
                         ("decode_step_s", f"decode step (batch {gen_batch})")):
         per_layer = m[phase] / pred["layers"] * 1000
-        rows.append(f"| {label} | {what} | {pred[phase]:.3f} s | {m[phase]:.3f} s | {pred[phase] / m[phase]:.2f} | "
+        rows.append(f"| {label} | {what} | {pred[phase]:.3f} s | {m[phase]:.3f} s | {ratio(pred[phase], m[phase])} | "
                     f"{per_layer:.1f} |")
     for phase, what in (("train_peak", "training step peak"), ("gen_peak", "generation batch peak")):
         if phase in pred:
             rows.append(f"| {label} | {what} | {pred[phase] / GIB:.2f} GiB | {m[phase] / GIB:.2f} GiB | "
-                        f"{pred[phase] / m[phase]:.2f} | |")
+                        f"{ratio(pred[phase], m[phase])} | |")
     return rows
+
+
+def probe_one(job: dict) -> dict:
+    """One backend and precision in this process (a fresh one: Unsloth patches transformers, TRL and PEFT
+    for the whole process, and must be imported before them, as the command line does)."""
+    from finetune.model import import_backend
+
+    backend, _ = import_backend(job["backend"])
+    import torch
+
+    from finetune.timing import Rates
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    label = f"{job['layers']} layers, {backend}, {job['precision']}"
+    try:
+        m = measure(Path(job["model_dir"]), Path(job["data"]), job["eval_records"], backend,
+                    job["precision"] == "4bit", job["gen_batch"], job["new_tokens"], job["steps"], device,
+                    job["max_length"])
+        rows = rows_of(f"{label} ({m['experts']}, LoRA {m['expert_lora']})", m,
+                       predicted(m, Rates(**job["rates"]), job["gen_batch"], job["new_tokens"], device),
+                       job["gen_batch"])
+        return {"rows": rows, "note": f"first step {m['first_step_s']:.1f} s; rows that stopped early: "
+                                      f"{m['stopped_early']}"}
+    except Exception as e:  # one failed combination must not cost the others' figures
+        return {"rows": [f"| {label} | failed: {type(e).__name__}: {str(e)[:160]} | | | | |"], "note": ""}
 
 
 def main() -> int:
@@ -216,7 +254,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=0, help="optimizer steps, the last timed (default: 2 on a CPU, "
                    "3 on a GPU)")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--max-length", type=int, default=1536, help="tokens of the packed training row (the preset's)")
+    p.add_argument("--narrow", default="", help="config overrides for a smaller model, e.g. "
+                   "hidden_size=512,num_experts=16 (the test suite's size); not the real widths")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one combination, in a child process
     args = p.parse_args()
+    if args.job:
+        print("PROBE_RESULT " + json.dumps(probe_one(json.loads(Path(args.job).read_text()))), flush=True)
+        return 0
 
     import torch
 
@@ -234,36 +279,37 @@ def main() -> int:
         eval_records = first_gen_batch(tmp / "hawks_val_mixed.json", qwen3_tokenizer.folder(), args.gen_batch)
         for layers in [int(n) for n in args.layers.split(",")]:
             model_dir = tmp / f"model-{layers}"
-            build_model_folder(model_dir, layers)
+            narrower = {k: int(v) for k, v in (item.split("=") for item in args.narrow.split(",") if item)}
+            build_model_folder(model_dir, layers, **narrower)
             for backend in args.backends.split(","):
                 for precision in args.precisions.split(","):
-                    label = f"{layers} layers, {backend}, {precision}"
-                    try:
-                        m = measure(model_dir, tmp, eval_records, backend, precision == "4bit", args.gen_batch,
-                                    args.new_tokens, steps, device)
-                    except Exception as e:  # one failed combination must not cost the others' figures
-                        rows.append(f"| {label} | failed: {type(e).__name__}: {str(e)[:160]} | | | | |")
-                        print(rows[-1], flush=True)
-                        continue
-                    new = rows_of(f"{label} ({m['experts']}, LoRA {m['expert_lora']})", m,
-                                  predicted(m, rates, args.gen_batch, args.new_tokens, device), args.gen_batch)
-                    rows += new
-                    print("\n".join(new), f"\n(first step {m['first_step_s']:.1f} s; rows that stopped early: "
-                          f"{m['stopped_early']})", flush=True)
-            import shutil
-
+                    job = tmp / "job.json"
+                    job.write_text(json.dumps({"backend": backend, "precision": precision, "layers": layers,
+                                               "model_dir": str(model_dir), "data": str(tmp), "steps": steps,
+                                               "eval_records": eval_records, "gen_batch": args.gen_batch,
+                                               "new_tokens": args.new_tokens, "rates": rates,
+                                               "max_length": args.max_length}, ensure_ascii=False))
+                    child = subprocess.run([sys.executable, "-m", "bench.probe", "--job", str(job)], cwd=REPO,
+                                           capture_output=True, text=True)
+                    result = next((json.loads(line.removeprefix("PROBE_RESULT "))
+                                   for line in child.stdout.splitlines() if line.startswith("PROBE_RESULT ")), None)
+                    if result is None:
+                        result = {"rows": [f"| {layers} layers, {backend}, {precision} | failed: exit "
+                                           f"{child.returncode}: {child.stderr.strip()[-160:]} | | | | |"], "note": ""}
+                    rows += result["rows"]
+                    print("\n".join(result["rows"]), f"\n({result['note']})", flush=True)
             shutil.rmtree(model_dir, ignore_errors=True)
     body = ("| model | phase | predicted | measured | predicted / measured | measured ms per layer |\n"
             "|---|---|---:|---:|---:|---:|\n" + "\n".join(rows))
     print(body)
-    if not args.no_record:
+    if not args.no_record and not args.narrow:
         where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
         append_section(f"Real-width probe ({where}): step, prefill and decode time"
                        + (" and peak memory" if device == "cuda" else "") + ", predicted vs measured",
                        f"bench/probe.py: Qwen3-30B-A3B's widths at {args.layers} layers, the preset's LoRA, a "
                        f"packed row of max_length tokens, the last of {steps} steps; generation batch "
-                       f"{args.gen_batch} of the eval set's first records, {args.new_tokens} decode steps. "
-                       f"Predicted with {note}.\n\n{body}")
+                       f"{args.gen_batch} of the eval set's first records, {args.new_tokens} decode steps, after "
+                       f"an untimed one; one process per backend and precision. Predicted with {note}.\n\n{body}")
     return 0
 
 

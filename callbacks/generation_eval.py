@@ -17,7 +17,7 @@ from typing import Sequence
 
 from callbacks.error_report import render as render_errors
 from core.metrics import DEFAULT_FIELDS, HEADLINE, classify, compute_metrics, flatten, parse_prediction, record_context
-from core.prompt import record_messages
+from core.chat_template import prompt_lengths, prompt_texts  # noqa: F401 (prompt_lengths: part of the evaluator's API)
 from core.records import atomic_write_text, gold_offenders, seeded_subset, write_rows
 
 ANSWER_MARGIN_TOKENS = 16
@@ -27,17 +27,6 @@ def gold_answer_lengths(records: Sequence[dict], tokenizer) -> list[int]:
     """Each record's gold answer in tokens (0 where it has none)."""
     texts = [r.get("output") or "" for r in records]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def prompt_texts(records: Sequence[dict], tokenizer) -> list[str]:
-    """What the model is given: each record's chat up to the assistant turn, in the tokenizer's template."""
-    return [tokenizer.apply_chat_template(record_messages(r, with_answer=False), tokenize=False,
-                                          add_generation_prompt=True) for r in records]
-
-
-def prompt_lengths(records: Sequence[dict], tokenizer) -> list[int]:
-    """Each record's prompt in tokens (what a generation batch is left-padded to the longest of)."""
-    return [len(ids) for ids in tokenizer(prompt_texts(records, tokenizer), add_special_tokens=False)["input_ids"]]
 
 
 def answer_token_budget(records: Sequence[dict], tokenizer) -> int:

@@ -13,13 +13,11 @@ ids at each example, which is what keeps attention inside each example.
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
 from core.distributed import is_rank_zero, world_size
 from core.prompt import record_messages
 from core.records import load_records, seeded_subset
-from data_tools.stats import percentiles, token_lengths
 
 ROW_COLUMNS = ["input_ids", "labels", "source"]
 
@@ -159,15 +157,3 @@ def packed_if_asked(cfg, train, evals, dropped: int, eval_dropped: int = 0) -> S
     return StageData(train, evals, dropped, cfg.packing, examples, tokens, cfg.max_length, eval_dropped)
 
 
-def length_report(records: list[dict], tokenizer, max_length: int, sample: int = 5000) -> dict:
-    """Token-length percentiles and how many examples `max_length` would cut.
-
-    A cut example loses the end of its answer (and its `<|im_end|>`), which
-    teaches the model not to stop, so this is reported, never silent."""
-    subset = records if len(records) <= sample else random.Random(0).sample(records, sample)
-    lengths = token_lengths(subset, tokenizer)
-    over = sum(n > max_length for n in lengths)
-    scale = len(records) / max(len(subset), 1)
-    return {"examples": len(records), "measured": len(subset), "tokens": percentiles(lengths),
-            "tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1),
-            "over_max_length": round(over * scale), "max_length": max_length}

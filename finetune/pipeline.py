@@ -22,9 +22,10 @@ from core.records import file_sha256, load_records, seeded_subset
 from core import run_summary
 from core.runinfo import library_versions
 from data_tools.tiny_data import ensure_tiny_data
+from data_tools.stats import length_report
 from finetune import config as config_mod
 from finetune.config import FinetuneConfig
-from finetune.data import StageData, describe_packing, length_report, stage_data
+from finetune.data import StageData, describe_packing, stage_data
 from finetune.forgetting import measure_forgetting
 from finetune.memory import CPU_GEN_BATCH
 from finetune.moe import TaskLossCallback, expert_lora_path, router_aux_loss_setting, use_experts_implementation

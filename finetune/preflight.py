@@ -19,9 +19,10 @@ from pathlib import Path
 
 from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget, gold_answer_lengths, prompt_lengths
 from core.records import seeded_subset
+from data_tools.stats import length_report
 from finetune import config as config_mod
 from finetune.config import ConfigError, FinetuneConfig
-from finetune.data import length_report, load_split
+from finetune.data import load_split
 from finetune.lora import CATEGORIES, count_parameters, plan_targets
 from finetune.memory import AUTO_GEN_BATCHES, GIB, MemoryPlan, Shape, Workload, plan, shape_of
 from finetune.moe import describe as describe_aux_loss
@@ -224,15 +225,22 @@ def run_memory_plan(cfg: FinetuneConfig, world: int) -> MemoryPlan:
 
 
 def stage_steps(cfg: FinetuneConfig, stage, report: dict, world: int) -> int:
-    """Optimizer steps of a stage from its measured lengths: packed rows taken as full."""
+    """Optimizer steps of a stage from its measured lengths and, packed, the examples a row holds."""
     if cfg.max_steps > 0:
         return cfg.max_steps
     per_step = world * cfg.micro_batch_size * cfg.gradient_accumulation_steps
-    if cfg.packing:
-        rows = report["examples"] * min(report["tokens_mean"], cfg.max_length) / cfg.max_length
-    else:
-        rows = report["examples"]
+    rows = report["examples"] / report["examples_per_row"] if cfg.packing else report["examples"]
     return max(1, math.ceil(rows * stage.num_epochs / per_step))
+
+
+def describe_lengths(cfg: FinetuneConfig, d: dict) -> str:
+    """One stage's measured token figures: percentiles, what max_length cuts, the examples per packed row."""
+    cut = f"over max_length {d['max_length']}: ~{d['over_max_length']:,} ({d['over_share']:.1%})"
+    if d["over_max_length"]:
+        cut += (f": ~{d['answer_cut']:,} lose the end of their answer, ~{d['prompt_over']:,} are dropped "
+                "(the prompt alone fills max_length)")
+    rows = f"; ~{d['examples_per_row']:.1f} examples per packed row" if cfg.packing else ""
+    return (f"tokens {d['tokens']}, mean {d['tokens_mean']:.0f} (measured on {d['measured']:,}); {cut}{rows}")
 
 
 def time_plans(cfg: FinetuneConfig, shape, rank: int, world: int, tokenizer, data: dict,
@@ -262,7 +270,9 @@ def time_plans(cfg: FinetuneConfig, shape, rank: int, world: int, tokenizer, dat
             steps=stage_steps(cfg, stage, report, world), eval_steps=cfg.eval_steps, context=mean / 2, rank=rank,
             checkpointing=cfg.gradient_checkpointing, prompts=prompts, answers=answers,
             gen_batch=gen_batch, world=world, budget=budget,
-            loss_examples=eval_examples, loss_batch=cfg.eval_batch_size, loss_tokens=round(eval_mean))
+            loss_examples=eval_examples, loss_batch=cfg.eval_batch_size, loss_tokens=round(eval_mean),
+            examples_per_step=world * cfg.micro_batch_size * cfg.gradient_accumulation_steps
+            * (report["examples_per_row"] if cfg.packing else 1))
     return plans
 
 
@@ -372,9 +382,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
         print(f"data         token lengths skipped: the tokenizer of {cfg.model_name} is not available {where}; "
               "examples counted only")
     for name, d in data.items():
-        lengths = (f"; tokens {d['tokens']} (measured on {d['measured']:,}); over max_length {d['max_length']}: "
-                   f"~{d['over_max_length']:,}" if "tokens" in d else "")
-        print(f"data {name:<7} {d['examples']:,} examples{lengths}")
+        print(f"data {name:<7} {d['examples']:,} examples" + (f"; {describe_lengths(cfg, d)}" if "tokens" in d else ""))
     print(f"weights      {describe_storage(storage)}")
     print_memory(cfg, memory, work, gen_measured, loading)
     for name, t in timing.items():

@@ -168,6 +168,7 @@ class TimePlan:
     step_s: float
     evaluations: int
     eval: EvalCost | None
+    examples_per_step: float = 0.0  # across the ranks (packed: rows x the examples a row holds)
 
     @property
     def training_s(self) -> float:
@@ -184,6 +185,7 @@ class TimePlan:
 
     def report(self) -> dict:
         out = {"device": self.rates.name, "rates": self.rates.source, "optimizer_steps": self.optimizer_steps,
+               "examples_per_step": round(self.examples_per_step, 1),
                "step_s": round(self.step_s, 2), "training_hours": round(self.training_s / 3600, 2),
                "evaluations": self.evaluations, "eval_share": round(self.eval_share, 3)}
         if self.eval:
@@ -194,7 +196,8 @@ class TimePlan:
         return out
 
     def describe(self) -> list[str]:
-        lines = [f"{self.optimizer_steps:,} optimizer steps x {_duration(self.step_s)} = "
+        examples = f" of ~{self.examples_per_step:.0f} examples" if self.examples_per_step else ""
+        lines = [f"{self.optimizer_steps:,} optimizer steps{examples} x {_duration(self.step_s)} = "
                  f"{_duration(self.training_s)} of training per device ({self.rates.name}: {self.rates.source})"]
         if self.eval:
             e = self.eval
@@ -225,7 +228,8 @@ def evaluations(steps: int, eval_steps: int) -> int:
 def time_plan(shape: Shape, rates: Rates, *, step_tokens: int, micro_tokens: int, steps: int, eval_steps: int,
               context: float, rank: int, checkpointing: bool, prompts: Sequence[int] = (),
               answers: Sequence[int] = (), gen_batch: int = 0, world: int = 1, budget: int = 0,
-              loss_examples: int = 0, loss_batch: int = 1, loss_tokens: int = 0) -> TimePlan:
+              loss_examples: int = 0, loss_batch: int = 1, loss_tokens: int = 0,
+              examples_per_step: float = 0.0) -> TimePlan:
     """`step_tokens`: tokens one device trains per optimizer step (micro-batches x their tokens);
     `micro_tokens`: one micro-batch's; `loss_examples` eval_loss examples of `loss_tokens` tokens each."""
     micro = train_flops(shape, micro_tokens, context=context, rank=rank, checkpointing=checkpointing)
@@ -235,4 +239,4 @@ def time_plan(shape: Shape, rates: Rates, *, step_tokens: int, micro_tokens: int
         cost = eval_cost(shape, rates, prompts, answers, batch=gen_batch, world=world, budget=budget, rank=rank)
         batches = math.ceil(math.ceil(loss_examples / world) / loss_batch)
         cost.loss_s = batches * prefill_seconds(shape, rates, loss_batch, loss_tokens, rank) if loss_tokens else 0.0
-    return TimePlan(rates, steps, step_s, evaluations(steps, eval_steps) if cost else 0, cost)
+    return TimePlan(rates, steps, step_s, evaluations(steps, eval_steps) if cost else 0, cost, examples_per_step)

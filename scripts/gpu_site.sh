@@ -9,7 +9,7 @@ PINS="trl==1.15.0 datasets==4.8.5 peft==0.21.2 bitsandbytes==0.50.2 unsloth==202
       torchao==0.18.0 dill==0.4.1 multiprocess==0.70.19 msgspec==0.22.0 tyro==1.0.17 typeguard==4.6.0
       docstring-parser cut-cross-entropy==25.1.1
       hjson==3.1.0 py-cpuinfo==9.0.0 ninja==1.13.2 msgpack==1.2.4 einops==0.8.2 pydantic==2.14.3
-      pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5"
+      pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0"
 WHEELS=$(mktemp -d); SITE=$(mktemp -d)
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"

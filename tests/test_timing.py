@@ -106,6 +106,15 @@ def test_production_preset_keeps_evaluation_under_a_tenth_of_training(tmp_path):
     assert 0 < time["eval_share"] <= 0.10, time
     assert time["device"] == "H100 80GB" and time["optimizer_steps"] > 1000
     assert "time single " in result.stdout and "of training per device" in result.stdout
+    # every figure from real tokens (Qwen3's carried tokenizer), none an upper bound
+    assert report["token_lengths"] is True and report["tokenizer"] == "carried"
+    assert isinstance(report["gen_eval_answer_tokens"], int) and 0 < report["gen_eval_answer_tokens"] < 300
+    assert "skipped" not in result.stdout and "not measured" not in result.stdout
+    lengths = report["data"]["single"]
+    assert lengths["examples"] == 174_663 and lengths["over_max_length"] == 0 and lengths["tokens"]["p100"] < 1536
+    assert 4 < lengths["examples_per_row"] < 8 and "examples per packed row" in result.stdout
+    # the preset's accumulation keeps an optimizer step near the Axolotl plan's 64 examples
+    assert 55 < time["examples_per_step"] < 80
     # a preset that evaluated its 500 records every 200 steps in batches of 16 would not stay under it
     old = report_of(offline_dry_run(tmp_path, "--mode", "single", "--preset", "qwen3-30b-a3b", "--dry-run",
                                     "--nproc", "4", f"train_file={data / 'hawks_train_curriculum.json'}",
@@ -113,3 +122,30 @@ def test_production_preset_keeps_evaluation_under_a_tenth_of_training(tmp_path):
                                     "gen_eval_max_samples=0", "gen_eval_batch_size=16", "eval_batch_size=1"))
     assert old["time"]["single"]["eval_share"] > 0.3
     json.dumps(report)  # the report stays JSON
+
+
+def test_probe_runs_each_backend_in_its_own_process(tmp_path):
+    """bench/probe.py, as the GPU checks run it, on a narrow MoE on this CPU: one child process per backend
+    (Unsloth patches transformers, TRL and PEFT for the whole process), each timing a training step, a
+    prefill and decode steps, and the parent collecting every row."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_preflight import REPO
+
+    narrow = "hidden_size=256,num_experts=8,moe_intermediate_size=128,num_attention_heads=4,num_key_value_heads=2," \
+             "head_dim=64"
+    result = subprocess.run([sys.executable, "-m", "bench.probe", "--layers", "1", "--backends", "unsloth,hf",
+                             "--narrow", narrow, "--max-length", "256", "--gen-batch", "2", "--new-tokens", "2",
+                             "--no-record"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "QWEN_FINETUNE_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 layers")]
+    assert "failed" not in result.stdout, result.stdout[-3000:]
+    for backend in ("unsloth", "hf"):
+        mine = sorted({row.strip() for row in rows if row.startswith(f"| 1 layers, {backend}, bf16")})
+        assert len(mine) == 3, rows  # training step, prefill, decode step
+        for row in mine:
+            predicted, measured = (float(cell.split()[0]) for cell in row.split("|")[3:5])
+            assert predicted > 0 and measured > 0, row

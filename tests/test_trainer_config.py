@@ -38,14 +38,14 @@ def test_production_preset_matches_the_axolotl_plan(tmp_path, monkeypatch):
         (tmp_path / "data" / "train" / name).write_text("[]")
     cfg = resolve("single", "qwen3-30b-a3b", None, {}, {}, None)
     assert cfg.model_name == "unsloth/Qwen3-30B-A3B-Instruct-2507" and cfg.max_length == 1536
-    # the plan's micro-batch 1 x accumulation 16, one example per row; packed, a row holds ~2.5 of its
-    # ~600-token examples, so 6 rows keep an optimizer step at about the plan's examples
-    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim) == (1, 6, "adamw_torch")
+    # the plan's micro-batch 1 x accumulation 16, one example per row; packed, a row holds ~5.6 of its
+    # ~260-token examples (Qwen3's tokenizer), so 3 rows keep an optimizer step at about the plan's examples
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.optim) == (1, 3, "adamw_torch")
     assert cfg.packing and not cfg.group_by_length
-    assert (cfg.save_steps, cfg.save_total_limit) == (200, 3)
-    # evaluations every 400 steps (the plan's 200) on a fixed subset of 256, the generation batch auto: ~10%
-    # of the predicted training time instead of ~60% (finetune/timing.py, tests/test_timing.py)
-    assert (cfg.eval_steps, cfg.gen_eval_max_samples, cfg.gen_eval_batch_size) == (400, 256, 0)
+    assert (cfg.save_steps, cfg.save_total_limit) == (400, 3)
+    # evaluations every 800 steps (~54K examples; the plan's 200 x 64) on a fixed subset of 256, the
+    # generation batch auto: ~10% of the predicted training time (finetune/timing.py, tests/test_timing.py)
+    assert (cfg.eval_steps, cfg.gen_eval_max_samples, cfg.gen_eval_batch_size) == (800, 256, 0)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.num_epochs) == (16, 32, 0.0, 1.5)
     assert (cfg.lr_scheduler, cfg.min_lr_ratio, cfg.warmup_ratio) == ("cosine_with_min_lr", 0.05, 0.03)
     assert cfg.gradient_checkpointing and cfg.weight_decay == 0 and cfg.max_grad_norm == 1.0

@@ -53,7 +53,7 @@ MUTATIONS = {
         ["tests/test_timing.py", "-k", "longest_answer"]),
     "preset-evaluates-every-200-steps": (
         "finetune/config.py",
-        '"eval_steps": 400, "eval_max_samples": 500,',
+        '"eval_steps": 800, "eval_max_samples": 500,',
         '"eval_steps": 200, "eval_max_samples": 500,',
         ["tests/test_timing.py", "-k", "production"]),
     "auto-gen-batch-ignores-the-plan": (

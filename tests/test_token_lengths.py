@@ -1,0 +1,61 @@
+"""Token-length figures on Qwen3's own tokenizer (carried in qwen3_tokenizer/): what max_length cuts and
+where, how many examples a packed row holds, and `data_tools stats --tokenizer qwen3` on every record."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core import qwen3_tokenizer
+from core.chat_template import prompt_lengths
+from data_tools.stats import examples_per_row, length_report, load_tokenizer, token_lengths
+
+REPO = Path(__file__).resolve().parent.parent
+RECORD = {"instruction": "記事から加害者を抽出してください。", "input": "東京都内で男が逮捕された。" * 20,
+          "output": json.dumps({"offenders": [{"name": "山田太郎"}]}, ensure_ascii=False)}
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return load_tokenizer("qwen3")
+
+
+def test_best_fit_packing_counts_examples_per_row():
+    assert examples_per_row([100] * 10, 1000) == 10.0
+    assert examples_per_row([600] * 3, 1000) == 1.0
+    assert examples_per_row([700, 300, 700, 300], 1000) == 2.0  # best fit pairs them
+    assert examples_per_row([5000, 100], 1000) == 1.0  # an over-long example is cut to a row of its own
+    assert examples_per_row([], 1000) == 0.0
+
+
+def test_max_length_cuts_the_answer_or_drops_the_example(qwen3):
+    full = token_lengths([RECORD], qwen3)[0]
+    prompt = prompt_lengths([RECORD], qwen3)[0]
+    assert 0 < prompt < full
+    fits = length_report([RECORD] * 4, qwen3, max_length=full)
+    assert fits["over_max_length"] == 0 and fits["over_share"] == 0 and fits["examples_per_row"] == 1.0
+    answer = length_report([RECORD] * 4, qwen3, max_length=full - 1)  # the end of the answer is cut
+    assert (answer["over_max_length"], answer["answer_cut"], answer["prompt_over"]) == (4, 4, 0)
+    assert answer["over_share"] == 1.0
+    dropped = length_report([RECORD] * 4, qwen3, max_length=prompt)  # no answer token left: dropped
+    assert (dropped["answer_cut"], dropped["prompt_over"]) == (0, 4)
+    short = length_report([RECORD] * 6, qwen3, max_length=3 * full)
+    assert short["examples_per_row"] == 3.0 and short["tokens"]["p100"] == full and short["tokens_mean"] == full
+
+
+def test_stats_reports_the_packing_figures_with_the_carried_tokenizer(tmp_path, qwen3):
+    data = tmp_path / "t.json"
+    data.write_text(json.dumps([RECORD] * 5, ensure_ascii=False), encoding="utf-8")
+    full = token_lengths([RECORD], qwen3)[0]
+    result = subprocess.run([sys.executable, "-m", "data_tools", "stats", str(data), "--tokenizer", "qwen3",
+                             "--max-length", str(2 * full)], cwd=REPO, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                 "QWEN_FINETUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert f"'p100': {full}" in out and "examples_per_packed_row 1.67" in out  # 5 examples in rows of 2, 2, 1
+    assert f"{f'over {2 * full} tokens':22} 0 (0.0%)" in out and "packed_rows_per_epoch  ~3 " in out
+    # unpacked into the test's own cache folder, checksum-checked
+    assert (tmp_path / "cache").is_dir() and qwen3_tokenizer.folder().is_dir()
