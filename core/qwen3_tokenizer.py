@@ -57,3 +57,29 @@ def folder() -> Path:
         if not (target / "tokenizer_config.json").is_file():
             raise
     return target
+
+
+def model_folder(config_file: Path, transformers_version: str) -> Path:
+    """A model folder without weights: the carried tokenizer beside `config_file` as config.json, for what
+    needs only a model's config and tokenizer offline (Axolotl's dataset preparation, `parity.py tokens`).
+    The config records the transformers version writing it: transformers 5 takes a config without one
+    for a Mistral checkpoint's and warns that the tokenizer's regex is wrong."""
+    import shutil
+
+    settings = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    settings.setdefault("transformers_version", transformers_version)
+    config = json.dumps(settings, indent=2).encode()
+    target = cache_root() / f"qwen3-config-{hashlib.sha256(config).hexdigest()[:12]}-{TOKENIZER_SHA256[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = folder()
+    staging = Path(tempfile.mkdtemp(prefix=".qwen3-config-", dir=target.parent))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer / name, staging / name)
+    (staging / "config.json").write_bytes(config)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    return target

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 from core.chat_template import prompt_lengths
+from core.errors import UserError
 from core.prompt import record_messages
 from core.records import gold_offenders, load_records
 from data_tools import cli_args
@@ -75,14 +76,26 @@ def examples_per_row(lengths: list[int], max_length: int) -> float:
 
 
 def load_tokenizer(name: str):
-    """A tokenizer folder, or `qwen3`: Qwen3's own tokenizer carried in this repository (no download)."""
+    """A tokenizer folder or hub id, or `qwen3`: Qwen3's own tokenizer carried in this repository (no
+    download). A Qwen3-family hub id that is neither cached nor reachable gets the carried one, said so."""
+    import sys
+
     from transformers import AutoTokenizer
 
-    if name == "qwen3":
-        from core import qwen3_tokenizer
+    from core import qwen3_tokenizer
 
-        name = str(qwen3_tokenizer.folder())
-    return AutoTokenizer.from_pretrained(name)
+    if name == qwen3_tokenizer.NAME:
+        return AutoTokenizer.from_pretrained(str(qwen3_tokenizer.folder()))
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        if "qwen3" not in name.lower():
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--tokenizer {name}: no tokenizer there ({first}); pass a tokenizer folder, a hub id "
+                            "in the Hugging Face cache, or qwen3 (Qwen3's own, carried here)") from None
+    print(f"tokenizer: Qwen3's own, carried in qwen3_tokenizer/ ({name} is not in the Hugging Face cache and "
+          "the hub is unreachable; the Qwen3 family shares it)", file=sys.stderr)
+    return AutoTokenizer.from_pretrained(str(qwen3_tokenizer.folder()))
 
 
 def describe(records: list[dict]) -> dict:

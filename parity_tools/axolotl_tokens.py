@@ -24,10 +24,11 @@ def main() -> int:
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
 
-    # Shuffling would reorder the examples; the comparison is by position.
+    # Shuffling would reorder the examples; the comparison is by position. The launcher (DeepSpeed, not in
+    # this environment) does not touch tokenisation: left out, so a GPU config tokenises here too.
     with contextlib.redirect_stdout(sys.stderr):
         cfg = load_cfg(config, shuffle_merged_datasets=False, shuffle_before_merging_datasets=False,
-                       **overrides)
+                       **{"deepspeed": None, **overrides})
         train = load_datasets(cfg=cfg).train_dataset
     rows = [{"input_ids": list(train[i]["input_ids"]), "labels": list(train[i]["labels"])}
             for i in range(min(n, len(train)))]

@@ -22,6 +22,8 @@ from core.records import DataError
 from finetune.config import TINY_MODELS
 from parity_tools.axolotl_env import axolotl_env, axolotl_python
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @dataclass
 class Tokenised:
@@ -108,28 +110,63 @@ def aligned(ours: Tokenised, theirs: Tokenised, tokenizer, at: int, context: int
     return "\n".join(lines)
 
 
+def offline_model_folder(model_name: str) -> tuple[str | None, str]:
+    """(a local stand-in for `model_name`, a line saying so), or (None, "") when its own tokenizer is at hand:
+    a Qwen3-family hub id that is neither in the Hugging Face cache nor reachable gets the config this
+    repository ships and Qwen3's carried tokenizer (core/qwen3_tokenizer.py); a real one in the cache wins."""
+    from transformers import AutoTokenizer
+
+    from core import qwen3_tokenizer
+    from finetune.model import shipped_model_config
+    from finetune.preflight import hub_reachable
+
+    if model_name in TINY_MODELS or Path(model_name).is_dir():
+        return None, ""
+    try:
+        AutoTokenizer.from_pretrained(model_name, local_files_only=True)
+        return None, ""
+    except (OSError, ValueError):
+        pass
+    shipped = shipped_model_config(model_name)
+    if hub_reachable() or shipped is None or \
+            not json.loads(shipped.read_text(encoding="utf-8")).get("model_type", "").startswith("qwen3"):
+        return None, ""
+    import transformers
+
+    return str(qwen3_tokenizer.model_folder(shipped, transformers.__version__)), (
+        f"tokenizer: Qwen3's own, carried in qwen3_tokenizer/, with {shipped.relative_to(REPO)} ({model_name} is "
+        "not in the Hugging Face cache and the hub is unreachable), for both stacks")
+
+
 def compare_tokens(config_unsloth: str | None, overrides: list[str], config_axolotl: str, n: int) -> tuple[int, str]:
     """(exit code, report): 0 when every compared example is identical."""
     import yaml
 
     if not Path(config_axolotl).is_file():
         raise DataError(f"--config-axolotl {config_axolotl}: file not found")
-    ours, cfg, tokenizer = our_tokens(config_unsloth, overrides, n)
     ax_cfg = yaml.safe_load(Path(config_axolotl).read_text(encoding="utf-8")) or {}
+    base = ax_cfg.get("base_model")
+    stand_in, said = offline_model_folder(base) if base else (None, "")
+    if stand_in:  # our side loads the same files when it trains the same model
+        from finetune import config as config_mod
+
+        ours_model = config_mod.resolve("single", None, config_unsloth, config_mod.parse_overrides(overrides), {},
+                                        dry_run=True).model_name
+        overrides = [*overrides, f"model_name={stand_in}"] if ours_model == base else overrides
+    ours, cfg, tokenizer = our_tokens(config_unsloth, overrides, n)
     # As the Axolotl launcher does: its `messages` files come from our record files (the tiny set is
     # generated when missing), so a fresh checkout compares without a training run first.
     from data_tools.axolotl_data import dataset_paths, prepare_messages
 
     prepare_messages(dataset_paths(ax_cfg))
-    base = ax_cfg.get("base_model")
-    base_dir = None
+    base_dir = stand_in
     if base in TINY_MODELS:
         from finetune.model import resolve_model_path
 
         base_dir = resolve_model_path(base)
     theirs, total = axolotl_tokens(config_axolotl, n, base_dir)
-    lines = [f"ours: {cfg.train_file} via qwen_finetune.py's data path; "
-             f"axolotl: {config_axolotl} ({total:,} examples after its filters)"]
+    lines = ([said] if said else []) + [f"ours: {cfg.train_file} via qwen_finetune.py's data path; "
+                                        f"axolotl: {config_axolotl} ({total:,} examples after its filters)"]
     if cfg.packing:  # packing reorders: compare both sides in one canonical order
         theirs = sorted(theirs[:len(ours)], key=lambda t: (t.input_ids, t.trained))
         ours = sorted(ours, key=lambda t: (t.input_ids, t.trained))

@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a repository command as a user would, in a fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a repository command as a user would, in a fresh interpreter (`env`: variables to add)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

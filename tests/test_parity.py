@@ -126,6 +126,29 @@ def test_tokens_cuts_our_packed_rows_back_into_axolotls_examples():
     assert "identical: input_ids and trained-token masks of all 30 compared examples" in result.stdout
 
 
+def test_tokens_on_qwen3s_tokenizer_match_the_shipped_production_axolotl_config(tmp_path, axolotl_ready):
+    """The production pair as shipped (our qwen3-30b-a3b preset, packed, vs axolotl_configs/qwen_finetune.yml,
+    its chat_template, roles and EOS settings) on Qwen3's own vocabulary and Instruct-2507's template, offline:
+    the model's config and tokenizer come from this repository, no weights needed. A slice of the synthetic
+    mix, at the configs' own relative data paths."""
+    train = tmp_path / "data" / "train"
+    synth = run_cli("-m", "data_tools", "synth", "--out-dir", str(train), "--positives", "30", "--negatives", "30",
+                    "--heldout-negatives", "10", "--val-positives", "10", cwd=tmp_path)
+    assert synth.returncode == 0, synth.stderr[-2000:]
+    prepare = run_cli("-m", "data_tools", "prepare", "--positives", str(train / "hawks_train.json"),
+                      "--negatives", str(next(train.glob("person_dummy_*.json"))), "--val", str(train / "hawks_val.json"),
+                      "--out", str(train / "hawks_train_curriculum.json"),
+                      "--val-out", str(train / "hawks_val_mixed.json"), "--num-negatives", "30", cwd=tmp_path)
+    assert prepare.returncode == 0, prepare.stderr[-2000:]
+    result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "40", "--set", "preset=qwen3-30b-a3b",
+                     "--config-axolotl", str(REPO / "axolotl_configs" / "qwen_finetune.yml"), cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})  # an empty Hugging Face cache
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tokenizer: Qwen3's own, carried in qwen3_tokenizer/" in result.stdout
+    assert "ours packed (packing=true, max_length 1536): its 40 examples cut back" in result.stdout
+    assert "identical: input_ids and trained-token masks of all 40 compared examples" in result.stdout
+
+
 def test_tokens_stops_when_max_length_leaves_examples_without_a_trained_token():
     result = run_cli(str(REPO / "parity.py"), "tokens", "-n", "5", "--set", "max_length=40")
     assert result.returncode == 1 and "Traceback" not in result.stderr

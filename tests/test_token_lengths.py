@@ -59,3 +59,37 @@ def test_stats_reports_the_packing_figures_with_the_carried_tokenizer(tmp_path, 
     assert f"{f'over {2 * full} tokens':22} 0 (0.0%)" in out and "packed_rows_per_epoch  ~3 " in out
     # unpacked into the test's own cache folder, checksum-checked
     assert (tmp_path / "cache").is_dir() and qwen3_tokenizer.folder().is_dir()
+
+
+def test_carried_tokenizer_renders_instruct_2507s_template_without_a_thinking_block(qwen3):
+    """One record through the carried tokenizer's template, against the rendering written out by hand:
+    Instruct-2507's (no <think> block, unlike the hybrid Qwen3 template in the upstream tokenizer_config)."""
+    record = {"instruction": "抽出して", "input": "記事本文", "output": '{"offenders": []}'}
+    from core.prompt import record_messages
+
+    expected = ("<|im_start|>system\n抽出して<|im_end|>\n<|im_start|>user\n記事本文<|im_end|>\n"
+                '<|im_start|>assistant\n{"offenders": []}<|im_end|>\n')
+    assert qwen3.apply_chat_template(record_messages(record), tokenize=False) == expected
+    prompt = qwen3.apply_chat_template(record_messages(record, with_answer=False), tokenize=False,
+                                       add_generation_prompt=True)
+    assert prompt == expected[:expected.index('{"offenders"')] and "<think>" not in prompt
+    assert qwen3.convert_tokens_to_ids("<|im_end|>") == 151645 and len(qwen3) == 151_669
+
+
+def test_stats_offline_uses_the_carried_tokenizer_for_a_qwen3_hub_id_and_names_a_missing_one(tmp_path):
+    data = tmp_path / "t.json"
+    data.write_text(json.dumps([RECORD], ensure_ascii=False), encoding="utf-8")
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "QWEN_FINETUNE_CACHE": str(tmp_path / "cache")}
+
+    def stats(tokenizer):
+        return subprocess.run([sys.executable, "-m", "data_tools", "stats", str(data), "--tokenizer", tokenizer],
+                              cwd=REPO, capture_output=True, text=True, env=env)
+
+    qwen = stats("unsloth/Qwen3-30B-A3B-Instruct-2507")
+    assert qwen.returncode == 0, qwen.stderr[-2000:]
+    assert "tokenizer: Qwen3's own, carried in qwen3_tokenizer/ (unsloth/Qwen3-30B-A3B-Instruct-2507 is not" \
+        in qwen.stderr and "examples_per_packed_row" in qwen.stdout
+    missing = stats("nope/missing")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("error: --tokenizer nope/missing: no tokenizer there")

@@ -61,6 +61,11 @@ MUTATIONS = {
         "        cfg.gen_eval_batch_size = max(memory.gen_batch, 1)",
         "        cfg.gen_eval_batch_size = 64",
         ["tests/test_memory.py", "-k", "stops_before"]),
+    "production-axolotl-config-drops-the-eos-mask": (
+        "axolotl_configs/qwen_finetune.yml",
+        "    train_on_eos: turn\ntest_datasets:",
+        "    train_on_eos: none\ntest_datasets:",
+        ["tests/test_parity.py", "-k", "qwen3s_tokenizer"]),
 }
 
 
