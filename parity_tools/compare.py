@@ -46,6 +46,13 @@ class Row:
             return True  # a gated metric the candidate lacks
         return self.worse_by > self.tolerance + 1e-12
 
+    @property
+    def apart(self) -> bool:
+        """Beyond the tolerance in either direction: for two runs meant to be the same (a pair of stacks),
+        the reference being worse is as much a difference as the candidate being worse."""
+        return self.failed or (self.tolerance is not None and self.diff is not None
+                               and abs(self.diff) > self.tolerance + 1e-12)
+
 
 def load_metrics(path: str | Path) -> dict:
     """gen_* metrics from a gen_metrics_step*.json, a `parity.py evaluate` file or a run_summary.json."""
@@ -122,8 +129,10 @@ def losses_of(summary_path: str | None) -> list[tuple[int, float]]:
 
 
 def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources: tuple[str, str],
-                 losses: tuple[list, list], appendix: str = "", errors: str = "") -> list[Path]:
-    """parity_report.md and its charts; `errors`: the error_table of both runs."""
+                 losses: tuple[list, list], appendix: str = "", errors: str = "",
+                 two_sided: bool = False) -> list[Path]:
+    """parity_report.md and its charts; `errors`: the error_table of both runs; `two_sided`: the gate fails
+    on a difference beyond the tolerance either way (a pair of stacks), not only the candidate worse."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,9 +167,16 @@ def write_report(out_dir: Path, rows: list[Row], names: tuple[str, str], sources
     written = [chart("parity_metrics.png", bars)]
     if losses[0] and losses[1]:
         written.append(chart("parity_losses.png", curves))
-    failed = [r.name for r in rows if r.failed]
-    verdict = (f"**FAIL**: {names[1]} is worse than {names[0]} beyond tolerance on {', '.join(failed)}"
-               if failed else f"**PASS**: {names[1]} is within tolerance of {names[0]} on every gated metric")
+    if two_sided:
+        failed = [r.name for r in rows if r.apart]
+        verdict = (f"**FAIL**: {names[0]} and {names[1]} differ beyond tolerance (either way) on "
+                   f"{', '.join(failed)}" if failed else
+                   f"**PASS**: {names[0]} and {names[1]} are within tolerance of each other (either way) on "
+                   "every gated metric")
+    else:
+        failed = [r.name for r in rows if r.failed]
+        verdict = (f"**FAIL**: {names[1]} is worse than {names[0]} beyond tolerance on {', '.join(failed)}"
+                   if failed else f"**PASS**: {names[1]} is within tolerance of {names[0]} on every gated metric")
     report = [f"# Parity report: {names[0]} vs {names[1]}", "", f"- reference: `{sources[0]}`",
               f"- candidate: `{sources[1]}`", "", verdict, "", table(rows, *names), "",
               *(["Examples per error category (each example in the first that applies):", "", errors, ""]

@@ -116,8 +116,15 @@ def run_axolotl_pair(out: Path, model: str, max_steps: int, eval_samples: int,
     aux = aux_loss_settings(ours_summary, config)
     return _evaluate_and_compare(out, model, adapters, summaries, eval_samples, times,
                                  reference=f"ours ({backend})", candidate="axolotl", learnt_check=True,
+                                 tolerance=AXOLOTL_PAIR_TOLERANCE,
                                  notes=[f"Model: {model}. Router load-balancing loss: ours {aux['ours']}, "
                                         f"Axolotl {aux['axolotl']}.\n"])
+
+
+# Two stacks (other TRL and transformers versions, their own data order) trained on the same data score
+# the same records: a headline metric may differ by this much either way. On 100 records one answer moves
+# a rate by 0.01 and the runs differ by 0.00-0.02 (bench/RESULTS.md parity runs); 0.05 fails a real gap.
+AXOLOTL_PAIR_TOLERANCE = 0.05
 
 
 def run_legacy_pair(out: Path, model: str, max_steps: int, eval_samples: int, max_train_samples: int) -> dict:
@@ -147,7 +154,7 @@ def run_legacy_pair(out: Path, model: str, max_steps: int, eval_samples: int, ma
 
 def _evaluate_and_compare(out: Path, model: str, adapters: dict, summaries: dict, eval_samples: int,
                           times: dict, *, reference: str, candidate: str, learnt_check: bool,
-                          notes: list[str] = ()) -> dict:
+                          notes: list[str] = (), tolerance: float | None = None) -> dict:
     eval_file = str(REPO / "data" / "tiny" / "hawks_val_mixed.json")
     metrics, files = {}, {}
     for name, adapter in adapters.items():
@@ -155,12 +162,14 @@ def _evaluate_and_compare(out: Path, model: str, adapters: dict, summaries: dict
         folder = out / "eval" / name.split()[0]
         metrics[name] = evaluate(model, adapter, eval_file, folder, max_samples=eval_samples, seed=0)
         files[name] = str(folder / "metrics.json")
-    rows = cmp.compare(metrics[reference], metrics[candidate], dict(cmp.DEFAULT_TOLERANCES))
+    tolerances = {k: tolerance for k in cmp.DEFAULT_TOLERANCES} if tolerance else dict(cmp.DEFAULT_TOLERANCES)
+    rows = cmp.compare(metrics[reference], metrics[candidate], tolerances)
     learnt = {}
     if learnt_check:
         for name in (reference, candidate):
             learnt[name] = {k: metrics[name][k] - metrics["base"][k] for k in LEARNT_MARGIN}
-    ok = not any(r.failed for r in rows) and all(
+    # two-sided: a pair is meant to be the same run, so either side worse beyond the tolerance fails
+    ok = not any(r.apart for r in rows) and all(
         gain[k] >= LEARNT_MARGIN[k] for gain in learnt.values() for k in LEARNT_MARGIN)
     table = headline_table(metrics)
     report = out / "parity_report.md"
@@ -174,11 +183,12 @@ def _evaluate_and_compare(out: Path, model: str, adapters: dict, summaries: dict
     cmp.write_report(out, rows, (reference, candidate), (files[reference], files[candidate]),
                      (cmp.losses_of(summaries.get(reference)), cmp.losses_of(summaries.get(candidate))),
                      appendix="".join(extra),
-                     errors=cmp.error_table(metrics[reference], metrics[candidate], reference, candidate))
+                     errors=cmp.error_table(metrics[reference], metrics[candidate], reference, candidate),
+                     two_sided=True)
     print(table)
     for line in extra[1:]:
         print(line.strip())
-    return {"ok": ok, "metrics": metrics, "learnt": learnt, "failed": [r.name for r in rows if r.failed],
+    return {"ok": ok, "metrics": metrics, "learnt": learnt, "failed": [r.name for r in rows if r.apart],
             "train_seconds": times, "report": str(report)}
 
 

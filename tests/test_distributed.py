@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_trainer import REPO, SMALL, ok, summary, train
+from test_trainer import REPO, SMALL, _abs_sum, ok, summary, train
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
 
@@ -33,13 +33,19 @@ def test_zero2_two_stage_releases_stage1_checkpoints_hold_the_adapter_and_resume
     pytest.importorskip("deepspeed")
     args = ["--mode", "two-stage", "load_in_4bit=false", "output_dir=out", *SMALL, "max_steps=4", "eval_steps=2",
             "save_steps=2", "save_total_limit=3", "gen_eval_max_samples=4", "gen_eval_batch_size=2",
-            "ddp_timeout=777", "extra_callbacks=trainer_hooks.RecordRanks,trainer_hooks.RecordStageRelease",
+            "ddp_timeout=777",
+            "extra_callbacks=trainer_hooks.RecordRanks,trainer_hooks.RecordStageRelease,trainer_hooks.RecordAdapterAtStart",
             "--deepspeed", str(zero2_config)]
     result = ok(train(*args, cwd=tmp_path, launcher=TORCHRUN))
     assert result.stdout.count("=== run summary ===") == 1
     s1, s2 = summary(tmp_path / "out", "stage1"), summary(tmp_path / "out", "stage2")
     assert s1["world_size"] == 2 and s1["global_step"] == 4 and s2["global_step"] == 4
-    assert s2["train_losses"][0][1] < s1["train_losses"][0][1]  # stage 2 continues stage 1's adapter
+    # stage 2 continues stage 1's chosen adapter on both ranks: the LoRA weights it starts from are those
+    # of stage1/adapter (bf16 under ZeRO-2, so to rounding), not a fresh adapter's (B = 0)
+    starts = [json.loads((tmp_path / "out" / stage / f"adapter_at_start-{rank}.json").read_text())
+              for stage in ("stage1", "stage2") for rank in (0, 1)]
+    assert starts[2] == starts[3] == pytest.approx(_abs_sum(tmp_path / "out" / "stage1" / "adapter"), rel=2e-3)
+    assert starts[0] == starts[1] and starts[2] != pytest.approx(starts[0], rel=1e-2)
     # stage 1's optimizer is collected before stage 2 starts (automatic gc is off in this run)
     assert json.loads((tmp_path / "out" / "stage2" / "earlier_optimizers_alive.json").read_text()) == [False]
 

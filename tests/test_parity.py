@@ -92,6 +92,28 @@ def test_compare_fails_when_half_the_answers_are_blanked(tmp_path, val_records):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_a_pairs_gate_is_two_sided(tmp_path):
+    """Two stacks meant to be the same run: either side worse beyond the tolerance fails, not only the
+    candidate (Axolotl better than ours by 0.1 is a difference too)."""
+    from parity_tools import compare as cmp
+
+    def run(f1, parse):
+        return {"gen_num_examples": 100, "gen_offender_name_set_f1": f1, "gen_json_parse_rate": parse}
+
+    ours = run(0.80, 0.95)
+    tolerances = {"gen_offender_name_set_f1": 0.05, "gen_json_parse_rate": 0.05}
+    for axolotl, apart in ((run(0.90, 0.95), True), (run(0.70, 0.95), True), (run(0.84, 0.92), False)):
+        rows = cmp.compare(ours, axolotl, tolerances)
+        assert any(r.apart for r in rows) is apart, axolotl
+        cmp.write_report(tmp_path, rows, ("ours", "axolotl"), ("a.json", "b.json"), ([], []), two_sided=True)
+        report = (tmp_path / "parity_report.md").read_text()
+        assert ("**FAIL**: ours and axolotl differ beyond tolerance (either way) on gen_offender_name_set_f1"
+                in report) is apart
+    # the one-sided `compare` command still only asks whether the candidate is worse
+    better = cmp.compare(ours, run(0.90, 0.95), tolerances)
+    assert not any(r.failed for r in better) and any(r.apart for r in better)
+
+
 def test_compare_errors_are_readable(tmp_path, val_records):
     (tmp_path / "a.json").write_text(json.dumps(metrics_of(val_records, [r["output"] for r in val_records])))
     (tmp_path / "b.json").write_text(json.dumps(metrics_of(val_records[:10], [r["output"] for r in val_records[:10]])))

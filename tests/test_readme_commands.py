@@ -22,10 +22,13 @@ from conftest import REPO
 
 # Commands that take minutes, a GPU, an install or the user's own files: documented, not run here.
 SLOW = (
-    "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "-m bench.gpu", "-m tiny.build",
+    "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "-m bench.gpu", "-m bench.probe",
+    "-m tiny.build",
     "-m bench.tiny_runs",
     "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
     "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs
+    # Axolotl tokenises the whole full-scale file first (minutes); tests/test_parity.py runs this pair on a slice
+    "--config-axolotl axolotl_configs/qwen_finetune.yml",
 )
 SLOW_TRAINING = re.compile(r"qwen_finetune(_legacy)?\.py (?!.*--dry-run)")
 # README placeholders -> what stands in for them here (CONFIG.yml: each shipped Axolotl config in turn).
@@ -33,17 +36,23 @@ PLACEHOLDERS = {"DIR": "tiny/dense"}
 SHIPPED_AXOLOTL_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "axolotl_configs").glob("*.yml"))
 # The line a working command prints (a regex on stdout + stderr).
 KEY_LINES = {
-    "--dry-run": r"memory/dev\s+~[\d.]+ GiB with world size 4, DeepSpeed ZeRO-2",
+    "--dry-run": r"memory\s+training [\d.]+ GiB, generation eval [\d.]+ GiB per device with ZeRO-2 \(auto: bf16 "
+                 r"LoRA on 4 GPUs\): fits a device of 80 GiB",
     "data_tools synth": r"wrote\s+26,221 records",
     "data_tools validate": r"hawks_train\.json",
     "data_tools prepare": r"val:\s+1,000 positives",
     "data_tools convert": r"train_messages\.jsonl",
     "data_tools split": r"val\.json",
     "data_tools stats": r"'p100': \d+",
-    "parity.py tokens": r"identical: input_ids and trained-token masks of all 50 compared examples",
-    "parity.py compare": r"PASS|pass",
+    "parity.py tokens": r"identical: input_ids and trained-token masks of all (50|60) compared examples",
+    # a/b below differ within the tolerance: the diff is shown and the gate passes (the gate failing on a
+    # difference beyond it is checked after the commands)
+    "parity.py compare": r"gen_offender_presence_f1 \| 0\.9000 \| 0\.8900 \| -0\.0100 \| 0\.02 \| ok[\s\S]*"
+                         r"PASS: candidate vs reference, every gated metric within tolerance",
     "parity.py check-axolotl": r": 0 error\(s\)",
-    "parity.py score": r"gen_json_parse_rate",
+    # the predictions below are the gold answers: every rate is perfect
+    "parity.py score": r'"gen_json_parse_rate": 1\.0,[\s\S]*"gen_offender_name_set_f1": 1\.0,[\s\S]*'
+                       r'"gen_all_fields_exact_match_rate": 1\.0,',
     "bench.readme_figures": r"all \d+ README figures agree",
 }
 # Lines a working command must not print: every shipped Axolotl config has its LoRA targets checked against
@@ -120,10 +129,10 @@ def test_quick_readme_commands_run_as_written(scratch):
             (scratch / "predictions.jsonl").write_text(
                 "".join(json.dumps({"prediction": r["output"]}, ensure_ascii=False) + "\n" for r in gold))
         if "parity.py compare eval/a/metrics.json eval/b/metrics.json" in command:
-            for side in ("a", "b"):
+            for side, presence in (("a", 0.9), ("b", 0.89)):
                 (scratch / "eval" / side).mkdir(parents=True, exist_ok=True)
                 (scratch / "eval" / side / "metrics.json").write_text(json.dumps(
-                    {"gen_num_examples": 10, "gen_json_parse_rate": 1.0, "gen_offender_presence_f1": 0.9}))
+                    {"gen_num_examples": 10, "gen_json_parse_rate": 1.0, "gen_offender_presence_f1": presence}))
         started = time.perf_counter()
         result = run(command, scratch)
         print(f"{time.perf_counter() - started:6.1f}s  {command}")
@@ -135,6 +144,22 @@ def test_quick_readme_commands_run_as_written(scratch):
         ran.append(command)
     assert sum("check-axolotl" in c for c in ran) == len(SHIPPED_AXOLOTL_CONFIGS) >= 3
     assert any("--dry-run" in c for c in ran)
+    # the same commands tell a worse run apart: b's presence F1 0.05 below a's fails compare's gate, and
+    # half the answers blanked halve score's parse rate
+    compare = next(c for c in ran if "parity.py compare" in c)
+    (scratch / "eval" / "b" / "metrics.json").write_text(json.dumps(
+        {"gen_num_examples": 10, "gen_json_parse_rate": 1.0, "gen_offender_presence_f1": 0.85}))
+    worse = run(compare, scratch)
+    assert worse.returncode == 1 and "gen_offender_presence_f1" in worse.stdout and "FAIL" in worse.stdout, \
+        worse.stdout[-2000:]
+    score = next(c for c in ran if "parity.py score" in c)
+    rows = (scratch / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    (scratch / "predictions.jsonl").write_text("".join(
+        (row if i % 2 else json.dumps({"prediction": ""})) + "\n" for i, row in enumerate(rows)))
+    blanked = run(score, scratch)
+    parse_rate = re.search(r'"gen_json_parse_rate": ([\d.]+)', blanked.stdout)
+    assert blanked.returncode == 0 and parse_rate, blanked.stdout[-2000:]
+    assert float(parse_rate.group(1)) == pytest.approx((len(rows) // 2) / len(rows), abs=1e-3)
 
 
 def entry_points() -> set[tuple[str, ...]]:

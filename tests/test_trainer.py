@@ -8,6 +8,7 @@ the behaviour, seconds to a minute each.
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -71,12 +72,25 @@ def test_single_mode_writes_adapter_summary_and_marker(single_hf):
     assert "max_train_samples: 48" in (stage / "config.yaml").read_text()
 
 
-def test_rerun_skips_a_complete_run_and_overwrite_retrains(single_hf):
+def test_rerun_skips_a_complete_run_and_overwrite_retrains(single_hf, tmp_path):
     cwd, _ = single_hf
     before = (cwd / "out" / "single" / "run_summary.json").stat().st_mtime
     again = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *SMALL, cwd=cwd))
     assert "already complete" in again.stdout
     assert (cwd / "out" / "single" / "run_summary.json").stat().st_mtime == before
+    # --overwrite retrains the complete stage (on a copy: the other tests read the first run), here with
+    # another learning rate: new losses, the new config recorded, the adapter replaced
+    shutil.copytree(cwd / "out", tmp_path / "out")
+    old = summary(tmp_path / "out")
+    old_adapter = (tmp_path / "out" / "single" / "adapter" / "adapter_model.safetensors").read_bytes()
+    redone = ok(train("--mode", "single", "--backend", "hf", "output_dir=out", *SMALL, "learning_rate=1e-3",
+                      "--overwrite", cwd=tmp_path))
+    assert "already complete" not in redone.stdout and "=== run summary ===" in redone.stdout
+    new = summary(tmp_path / "out")
+    assert new["train_losses"][0] == pytest.approx(old["train_losses"][0])  # same data and start ...
+    assert new["train_losses"][-1] != pytest.approx(old["train_losses"][-1], rel=1e-6)  # ... other steps
+    assert "learning_rate: 0.001" in (tmp_path / "out" / "single" / "config.yaml").read_text()
+    assert (tmp_path / "out" / "single" / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter
 
 
 def test_rerun_with_another_config_names_the_changes_instead_of_reusing_the_stage(single_hf):

@@ -66,6 +66,27 @@ MUTATIONS = {
         "    train_on_eos: turn\ntest_datasets:",
         "    train_on_eos: none\ntest_datasets:",
         ["tests/test_parity.py", "-k", "qwen3s_tokenizer"]),
+    "pair-gate-one-sided": (
+        "parity_tools/compare.py",
+        "        return self.failed or (self.tolerance is not None and self.diff is not None\n"
+        "                               and abs(self.diff) > self.tolerance + 1e-12)",
+        "        return self.failed",
+        ["tests/test_parity.py", "-k", "two_sided"]),
+    "overwrite-keeps-the-complete-stage": (
+        "finetune/stages.py",
+        "        if overwrite:\n            if is_rank_zero() and path.exists():",
+        "        if False:\n            if is_rank_zero() and path.exists():",
+        ["tests/test_trainer.py", "-k", "rerun_skips"]),
+    "stage2-starts-from-a-fresh-adapter": (
+        "finetune/pipeline.py",
+        '                load_adapter_weights(self.model, previous / "adapter")',
+        '                [p.data.zero_() for n, p in self.model.named_parameters() if "lora_B" in n]',
+        ["tests/test_distributed.py", "-k", "zero2_two_stage"]),
+    "score-and-compare-blind-to-a-worse-run": (
+        "parity_tools/compare.py",
+        "        return self.worse_by > self.tolerance + 1e-12",
+        "        return False",
+        ["tests/test_readme_commands.py", "-k", "run_as_written"]),
 }
 
 
