@@ -31,6 +31,8 @@ def percentiles(values: list[int], qs=(50, 90, 95, 99, 100)) -> dict[str, int]:
 
 def token_lengths(records: list[dict], tokenizer) -> list[int]:
     """Tokens of each full chat; `tokenizer` is a tokenizer or its folder."""
+    if not records:
+        return []  # (a fast tokenizer called on no texts raises IndexError)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     # Each distinct record once (the negative-sampled mix repeats every positive: 174,663 records, 122,221

@@ -229,7 +229,8 @@ def stage_steps(cfg: FinetuneConfig, stage, report: dict, world: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     per_step = world * cfg.micro_batch_size * cfg.gradient_accumulation_steps
-    rows = report["examples"] / report["examples_per_row"] if cfg.packing else report["examples"]
+    packed = cfg.packing and report["examples_per_row"]  # an empty file has no rows to pack
+    rows = report["examples"] / report["examples_per_row"] if packed else report["examples"]
     return max(1, math.ceil(rows * stage.num_epochs / per_step))
 
 
@@ -261,7 +262,7 @@ def time_plans(cfg: FinetuneConfig, shape, rank: int, world: int, tokenizer, dat
     plans = {}
     for stage in stages_for(cfg):
         report = data.get(stage.name)
-        if not report or "tokens_mean" not in report:
+        if not report or "tokens_mean" not in report or not report["examples"]:
             continue
         mean = min(report["tokens_mean"], cfg.max_length)
         micro = cfg.micro_batch_size * (cfg.max_length if cfg.packing else mean)

@@ -93,3 +93,9 @@ def test_stats_offline_uses_the_carried_tokenizer_for_a_qwen3_hub_id_and_names_a
     missing = stats("nope/missing")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("error: --tokenizer nope/missing: no tokenizer there")
+
+
+def test_an_empty_file_has_no_lengths_and_no_rows(qwen3):
+    assert token_lengths([], qwen3) == []
+    report = length_report([], qwen3, max_length=1536)
+    assert report["examples"] == 0 and report["tokens"] == {} and report["examples_per_row"] == 0.0
