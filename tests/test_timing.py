@@ -2,7 +2,7 @@
 batches decode, and the production preset's evaluation share in the dry run on the full-scale synthetic mix
 with Qwen3's tokenizer."""
 
-import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -115,13 +115,7 @@ def test_production_preset_keeps_evaluation_under_a_tenth_of_training(tmp_path):
     assert 4 < lengths["examples_per_row"] < 8 and "examples per packed row" in result.stdout
     # the preset's accumulation keeps an optimizer step near the Axolotl plan's 64 examples
     assert 55 < time["examples_per_step"] < 80
-    # a preset that evaluated its 500 records every 200 steps in batches of 16 would not stay under it
-    old = report_of(offline_dry_run(tmp_path, "--mode", "single", "--preset", "qwen3-30b-a3b", "--dry-run",
-                                    "--nproc", "4", f"train_file={data / 'hawks_train_curriculum.json'}",
-                                    f"eval_file={data / 'hawks_val_mixed.json'}", "eval_steps=200",
-                                    "gen_eval_max_samples=0", "gen_eval_batch_size=16", "eval_batch_size=1"))
-    assert old["time"]["single"]["eval_share"] > 0.3
-    json.dumps(report)  # the report stays JSON
+    # (a preset evaluating every 200 steps fails this: tests/mutations/run.py preset-evaluates-every-200-steps)
 
 
 def test_probe_runs_each_backend_in_its_own_process(tmp_path):
@@ -148,4 +142,6 @@ def test_probe_runs_each_backend_in_its_own_process(tmp_path):
         assert len(mine) == 3, rows  # training step, prefill, decode step
         for row in mine:
             predicted, measured = (float(cell.split()[0]) for cell in row.split("|")[3:5])
-            assert predicted > 0 and measured > 0, row
+            # a narrow model's decode step is a few ms, inside the timing noise (it can come out negative):
+            # only the training step is long enough to be sure of
+            assert predicted > 0 and math.isfinite(measured) and (measured > 0 or "training step" not in row), row
