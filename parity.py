@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import UserError
+from core.quiet import silence_known_noise, verbose_requested
 from core.metrics import HEADLINE, compute_metrics, record_context
 from core.records import DataError, gold_offenders, load_records, read_rows
 from data_tools.cli_args import add_fields
@@ -132,6 +133,7 @@ def run_pair(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parity.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show the known harmless library messages too")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score a predictions file against gold records")
     p.add_argument("--gold", required=True, help="records file (JSON array or JSONL)")
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="legacy pair: training examples per stage (its recipe is micro-batch 1 x 16)")
     p.set_defaults(run=run_pair)
     args = parser.parse_args(argv)
+    silence_known_noise(args.verbose or verbose_requested(None))
     try:
         return args.run(args)
     except UserError as e:

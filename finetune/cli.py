@@ -8,6 +8,7 @@ import sys
 import time
 
 from core.errors import ConfigError, UserError
+from core.quiet import silence_known_noise, verbose_requested
 from finetune import config as config_mod
 
 
@@ -29,6 +30,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an unfinished stage from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete and retrain stages that already exist")
     p.add_argument("--help-config", action="store_true", help="list every configuration key and its default")
+    p.add_argument("--verbose", action="store_true", help="also show the known harmless library messages that are "
+                   "hidden by default (core/quiet.py; or QWEN_FINETUNE_VERBOSE=1)")
     return p
 
 
@@ -53,6 +56,9 @@ def split_overrides(extra: list[str]) -> list[str]:
 def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | None = None,
          default_preset: str | None = None) -> int:
     """`fixed`: keys a restore path freezes over any preset (the user may still override them)."""
+    silence_known_noise(verbose_requested(argv))
+    if argv and argv[0] in ("export", "mlflow-replay"):
+        argv = [a for a in argv if a != "--verbose"]
     if argv and argv[0] == "export":
         from finetune.export import main as export_main
 

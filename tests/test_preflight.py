@@ -3,6 +3,7 @@ itself: tests/test_memory.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from finetune.config import ConfigError, resolve
 REPO = Path(__file__).resolve().parent.parent
 ZERO2 = str(REPO / "deepspeed_configs" / "zero2.json")
 PRESET = ("--preset", "qwen3-30b-a3b", "--dry-run")
+# what a library warning looks like in a command's output: logging's and torch's prefixes, the warnings module
+LIBRARY_NOISE = re.compile(r"(?im)^(W\d{4} |\[[\w.]+\|WARNING\]|.*\[WARNING\]|.*Warning: |Failed to load )|deprecat")
 
 
 def offline_dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -53,6 +56,9 @@ def test_production_preset_dry_run_works_offline(tmp_path):
         assert "rows flattened into one sequence" in out and runs[name]["attn_implementation"] == "sdpa_varlen"
         assert "attention    sdpa_varlen on this machine (attn_implementation=auto)" in out
         outputs[name] = out
+        # the first screen is ours: no library warning anywhere (core/quiet.py hides the known harmless ones)
+        noise = LIBRARY_NOISE.search(result.stdout + result.stderr)
+        assert noise is None, noise
     # the README shows these lines of the same reports: they are what the command prints today
     readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     shown = [line for line in readme if line.startswith(("memory       training", "loading      the MoE experts"))]

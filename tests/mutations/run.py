@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 # name: (file, text, replacement, pytest selection)
 MUTATIONS = {
+    "library-noise-shown": (
+        "finetune/cli.py",
+        "    silence_known_noise(verbose_requested(argv))\n",
+        "",
+        ["tests/test_preflight.py", "-k", "production_preset_dry_run_works_offline"]),
     "auto-deepspeed-stays-ddp": (
         "finetune/memory.py",
         'return [str(ZERO2_ON_GPU), str(ZERO2_OFFLOAD)], f"auto: bf16 LoRA on {world} GPUs"',
