@@ -27,6 +27,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the preflight report and exit")
     p.add_argument("--nproc", type=int, metavar="N", help="with --dry-run: the number of ranks (GPUs) the run "
                    "will use, for the memory estimate and the DeepSpeed batch check (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--nnodes", type=int, metavar="M", help="with --dry-run: the number of nodes, each running "
+                   "--nproc ranks (default 1); the plan is per device of the M x N ranks")
+    # DeepSpeed's launcher appends --local_rank=N; the rank is read from LOCAL_RANK, which it also sets
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="continue an unfinished stage from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete and retrain stages that already exist")
     p.add_argument("--help-config", action="store_true", help="list every configuration key and its default")
@@ -80,11 +84,16 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
             # a real run's world size is torchrun's (--nproc_per_node), never a second source
             raise ConfigError("--nproc N (N >= 1) goes with --dry-run only; to train on N GPUs use "
                               "torchrun --nproc_per_node=N")
+        if args.nnodes is not None and (not args.dry_run or args.nnodes < 1):
+            raise ConfigError("--nnodes M (M >= 1) goes with --dry-run only; to train on M nodes start "
+                              "torchrun --nnodes=M on each (docs/multi-node.md)")
+        nodes = args.nnodes or 1
+        world = (args.nproc or 1) * nodes if args.nproc is not None or args.nnodes is not None else None
         overrides = config_mod.parse_overrides(split_overrides(extra))
         cfg = config_mod.resolve(
             args.mode, args.preset, args.config, overrides,
             {"backend": args.backend, "deepspeed": args.deepspeed}, fixed=fixed or {},
-            dry_run=args.dry_run, world=args.nproc, default_preset=default_preset or "tiny")
+            dry_run=args.dry_run, world=world, default_preset=default_preset or "tiny")
         started = time.perf_counter()
         if not args.dry_run:
             from finetune.model import import_backend
@@ -94,7 +103,7 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
 
         recipe = Recipe(cfg, resume=args.resume, overwrite=args.overwrite,
                         import_seconds=time.perf_counter() - started)
-        return recipe.run(dry_run=args.dry_run, world=args.nproc)
+        return recipe.run(dry_run=args.dry_run, world=world, nodes=nodes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,7 +12,12 @@ Without `--merge` the adapter is copied with the tokenizer, its
 
 The base is `--base`, else `model_name` of the run's `config.yaml` beside the
 adapter, else the adapter's own `base_model_name_or_path`. The output is
-written to a temporary folder and renamed, so it is never half-written.
+written to a temporary folder and renamed, so it is never half-written. It
+holds a model card (README.md, finetune/model_card.py: base, data hashes,
+settings, the validation metrics of the exported step, intended use, licence).
+
+`--push-to-hub OWNER/NAME` then uploads the folder with huggingface_hub
+(token: $HF_TOKEN or a saved `hf auth login`; never printed).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import tempfile
 from pathlib import Path
 
 from core.records import replace_dir
+from core.redact import redact_text
 from finetune.config import ConfigError
+from finetune.model_card import model_card
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -37,6 +44,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (hub id or folder); default: the run's model_name")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code")
+    p.add_argument("--license", default="apache-2.0", help="licence id for the model card (default: apache-2.0, "
+                   "Qwen3's; the base model's terms apply either way)")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the exported folder to this Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     return p
 
 
@@ -99,7 +110,7 @@ def merged_model(base: str, adapter: Path, info: dict, trust_remote_code: bool):
 
 
 def export(adapter: Path, out: Path, merge: bool, base: str | None, overwrite: bool,
-           trust_remote_code: bool) -> int:
+           trust_remote_code: bool, license_id: str = "apache-2.0") -> int:
     from transformers import AutoTokenizer
 
     check_paths(adapter, out, overwrite)
@@ -126,23 +137,45 @@ def export(adapter: Path, out: Path, merge: bool, base: str | None, overwrite: b
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             what, notes = "adapter (not merged; pass --merge for a standalone model)", []
         tokenizer.save_pretrained(str(tmp))
+        card_base = base or info.get("model_name") or base_path  # the hub id the run named, not a local path
+        (tmp / "README.md").write_text(model_card(adapter, card_base, merge, license_id), encoding="utf-8")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"\n=== export ===\nwrote {what} + tokenizer to {out} ({size / 2**20:,.1f} MiB)\n"
+    print(f"\n=== export ===\nwrote {what} + tokenizer + model card to {out} ({size / 2**20:,.1f} MiB)\n"
           f"base: {base_path}\nadapter: {adapter}")
     for note in notes:
         print(f"note: {note}")
     return 0
 
 
+def push_to_hub(folder: Path, repo: str, private: bool) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # the token comes from $HF_TOKEN or the saved login, read by huggingface_hub itself
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="qwen-finetune export")
+    except Exception as e:  # network, auth, offline mode, a bad repo id: the export itself is done
+        raise ConfigError(f"push to the Hub repository {repo} failed ({type(e).__name__}: "
+                          f"{redact_text(str(e).strip().splitlines()[0] if str(e).strip() else '')}); the export is "
+                          f"complete in {folder}: set HF_TOKEN (a write token) and run the export again with "
+                          "--overwrite --push-to-hub, or upload the folder with `hf upload`") from None
+    print(f"pushed {folder} to https://huggingface.co/{repo}")
+
+
 def main(argv: list[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
-        return export(Path(args.adapter), Path(args.out), args.merge, args.base, args.overwrite,
-                      args.trust_remote_code)
+        if args.private and not args.push_to_hub:
+            raise ConfigError("--private goes with --push-to-hub OWNER/NAME")
+        code = export(Path(args.adapter), Path(args.out), args.merge, args.base, args.overwrite,
+                      args.trust_remote_code, args.license)
+        if args.push_to_hub:
+            push_to_hub(Path(args.out), args.push_to_hub, args.private)
+        return code
     except (ConfigError, OSError) as e:  # OSError: a base or adapter that does not load; no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.distributed import is_rank_zero, world_size
+from core.distributed import is_local_zero, is_rank_zero, world_size
+from core.distributed import nodes as node_count
 from core.metrics import HEADLINE
 from core.records import file_sha256, load_records, seeded_subset
 from core import run_summary
@@ -30,6 +31,7 @@ from finetune.forgetting import measure_forgetting
 from finetune.memory import CPU_GEN_BATCH
 from finetune.moe import TaskLossCallback, expert_lora_path, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
+from finetune.nodes import check_shared_output, describe_launch, launch_table, record_launch
 from finetune.rehearsal import load_general, plan_general, text_rows
 from finetune.selection import describe as describe_best
 from finetune.selection import describe_plan, selects_best
@@ -80,20 +82,25 @@ class Recipe:
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.timer = PhaseTimer()
         self.timer.seconds["imports"] = round(import_seconds, 2)
+        self.launch: dict | None = None  # nodes x ranks, gathered when the run starts (finetune/nodes.py)
 
-    def run(self, dry_run: bool = False, world: int | None = None) -> int:
-        """`world`: the dry run's number of ranks (--nproc; default: this process's world size)."""
+    def run(self, dry_run: bool = False, world: int | None = None, nodes: int = 1) -> int:
+        """`world`, `nodes`: the dry run's ranks and nodes (--nproc x --nnodes; default: this launch's)."""
         cfg, timer = self.cfg, self.timer
         files = config_mod.data_files(cfg)
         say("resolved configuration:\n" + config_mod.describe(cfg))
         init_distributed(cfg)
-        if cfg.preset == "tiny" and is_rank_zero():
+        if cfg.preset == "tiny" and is_local_zero():  # per node: its own disk may not be shared
             ensure_tiny_data(files)
         _wait_for_rank_zero()
         if dry_run:
             from finetune.preflight import preflight
 
-            return preflight(cfg, world or world_size())
+            return preflight(cfg, world or world_size(), nodes if world else node_count())
+        check_shared_output(cfg.output_dir)
+        self.launch = launch_table()
+        if self.launch["world_size"] > 1:
+            say(describe_launch(self.launch))
 
         stages = stages_for(cfg)
         self.memory = check_memory(cfg, stages, self.resume)
@@ -271,7 +278,7 @@ class Recipe:
             tracker = mlflow_logger(cfg, out, run_name, parent_logger)
             tracker.params = {"config": config_mod.to_dict(cfg), "stage": stage.name, "backend": backend,
                               "data": data_identity, "packing": packing, "libraries": libraries,
-                              "trainable_parameters": params["trainable_by_category"]}
+                              "trainable_parameters": params["trainable_by_category"], "launch": self.launch}
             trainer_callbacks.append(tracker)
         # Last: its pause over an evaluation then covers every other callback's evaluation work
         watchdog = StallWatchdog(cfg.watchdog_first_step_s, cfg.watchdog_step_s, log_dir=out,
@@ -286,6 +293,7 @@ class Recipe:
         trainer.callback_handler.callbacks.insert(0, TaskLossCallback(model_info["router_aux_loss"]["coef"]))
         if checkpoint:
             say(f"{stage.name}: resuming from {checkpoint}")
+        record_launch(out, self.launch)
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_s = time.perf_counter() - start
@@ -319,7 +327,7 @@ class Recipe:
             lora_targets={"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
                           "router_trained": plan.router, "expert_rank": plan.expert_rank},
             data=data_identity, packing=packing, mlflow_run_id=tracker.run_id if tracker else None,
-            world_size=world_size(), watchdog_dumps=watchdog.dumps, attn_implementation=model_info["attn_implementation"],
+            world_size=world_size(), launch=self.launch, watchdog_dumps=watchdog.dumps, attn_implementation=model_info["attn_implementation"],
             experts_implementation=model_info["experts_implementation"], expert_lora=model_info["expert_lora"],
             memory_plan=self.memory.report() if self.memory else None, libraries=libraries,
             ddp_find_unused_parameters=trainer.args.ddp_find_unused_parameters,

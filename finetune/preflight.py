@@ -303,8 +303,9 @@ def print_memory(cfg: FinetuneConfig, memory: MemoryPlan, work: Workload, gen_me
               f"~{loading / GIB:.2f} GiB per device before they drop to {est.training['weights'] / GIB:.2f} GiB")
 
 
-def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
-    """`world`: the number of ranks the run will use (--nproc, or torchrun's WORLD_SIZE)."""
+def preflight(cfg: FinetuneConfig, world: int = 1, nodes: int = 1) -> int:
+    """`world`: the number of ranks the run will use (--nproc x --nnodes, or torchrun's WORLD_SIZE), on
+    `nodes` machines."""
     from finetune.model import attention_implementation, check_attention, choose_backend, expects_unsloth_attention
 
     model, model_config, shipped_config = meta_model(cfg)
@@ -337,7 +338,7 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
     loading = weights_while_loading(storage)
     report = {
         "model": cfg.model_name, "model_config_shipped": shipped_config, "model_class": type(model).__name__,
-        "mode": cfg.mode, "world_size": world, "deepspeed": memory.deepspeed or None,
+        "mode": cfg.mode, "world_size": world, "nodes": nodes, "deepspeed": memory.deepspeed or None,
         "zero_stage": launcher.zero_stage, "optimizer_offload": launcher.offload, "quantization": "4-bit NF4" if cfg.load_in_4bit else cfg.dtype,
         "base_parameters": base_counts["total"],
         "lora_targets": {"modules": plan.modules, "parameters": plan.parameters,
@@ -361,7 +362,8 @@ def preflight(cfg: FinetuneConfig, world: int = 1) -> int:
           f"{report['quantization']}")
     if shipped_config:
         print(f"model config: {shipped_config} (shipped copy; the Hugging Face cache has none)")
-    print(f"mode         {cfg.mode}, world size {world}")
+    print(f"mode         {cfg.mode}, world size {world}"
+          + (f" ({nodes} nodes x {world // nodes} ranks)" if nodes > 1 else ""))
     for target, n in plan.matches.items():
         print(f"target       {target:<28} matched {n}")
     print(f"router       {report['lora_targets']['router']}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from core.distributed import is_rank_zero, world_size
 from finetune import config as config_mod
 from finetune.config import SDPA_VARLEN, ConfigError, FinetuneConfig
+from finetune.nodes import check_resume_launch
 
 MARKER = "COMPLETE"
 
@@ -103,6 +104,8 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
         if latest_checkpoint(path) and not resume:
             raise ConfigError(f"{path} holds an unfinished run (latest: {latest_checkpoint(path).name}). "
                               "Pass --resume to continue it, or --overwrite to start over")
+        if latest_checkpoint(path) and resume:
+            check_resume_launch(path, latest_checkpoint(path))
 
 
 def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True, model=None):

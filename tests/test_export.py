@@ -107,3 +107,32 @@ def test_adapter_from_a_4bit_run_is_merged_into_bf16_with_a_note(tmp_path):
     result = ok(train("export", "--adapter", str(adapter), "--out", "merged", "--merge", cwd=tmp_path))
     assert "merged model (bfloat16" in result.stdout and "trained on the 4-bit (NF4) base" in result.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+
+
+def test_model_card_reports_the_exported_step(tmp_path):
+    """adapter/ holds the chosen step, adapter_last/ the last: each card quotes its own step's metrics."""
+    from core.metrics import HEADLINE
+    from finetune.model_card import model_card
+
+    stage = tmp_path / "run" / "stage2"
+    stage.mkdir(parents=True)
+    (stage / "config.yaml").write_text(yaml.safe_dump({"mode": "two-stage", "model_name": "Qwen/Qwen3-30B-A3B",
+                                                       "lora_r": 32, "load_in_4bit": True}))
+    summary = {"global_step": 4, "train_losses": [[1, 2.5], [4, 0.5]], "best": {"metric": HEADLINE[2], "adapter_step": 2},
+               "data": {"train_file": "data/mix.json", "train_examples": 1200, "train_sha256": "ab" * 32},
+               "launch": {"nodes": 2, "ranks_per_node": 8}}
+    (stage / "run_summary.json").write_text(json.dumps(summary))
+    for step, value in ((2, 0.875), (4, 0.8125)):
+        (stage / f"gen_metrics_step{step}.json").write_text(json.dumps({**{m: value for m in HEADLINE},
+                                                                         "gen_num_examples": 16}))
+    (tmp_path / "run" / "stage1").mkdir()
+    (tmp_path / "run" / "stage1" / "run_summary.json").write_text(json.dumps(
+        {"global_step": 9, "data": {"train_file": "data/pos.json", "train_examples": 300, "train_sha256": "cd" * 32}}))
+    best = model_card(stage / "adapter", "Qwen/Qwen3-30B-A3B", merged=True, license_id="apache-2.0")
+    last = model_card(stage / "adapter_last", "Qwen/Qwen3-30B-A3B", merged=False, license_id="apache-2.0")
+    assert f"| {HEADLINE[2]} | 0.8750 |" in best and "step 2 of 4" in best and "chosen for the highest" in best
+    assert f"| {HEADLINE[2]} | 0.8125 |" in last and "step 4 of 4" in last and "chosen for the highest" not in last
+    assert "| stage1 | train | `pos.json` | 300 |" in best and "| stage2 | train | `mix.json` | 1,200 |" in best
+    assert "| launch | 2 node(s) x 8 rank(s) |" in best and "| training loss | 2.5000 (step 1) -> 0.5000 (step 4) |" in best
+    assert yaml.safe_load(best.split("---")[1])["library_name"] == "transformers"
+    assert yaml.safe_load(last.split("---")[1])["library_name"] == "peft" and "PeftModel.from_pretrained" in last

@@ -38,7 +38,7 @@ def test_production_preset_dry_run_works_offline(tmp_path):
     runs, outputs = {}, {}
     for name, args in {"auto_x4": ("--mode", "single", "--nproc", "4"),  # the user's command: no DeepSpeed flag
                        "zero2_x1": ("--mode", "single", "--deepspeed", ZERO2, "--nproc", "1"),
-                       "two_stage_x4": ("--mode", "two-stage", "--nproc", "4")}.items():
+                       "two_stage_x4": ("--mode", "two-stage", "--nnodes", "2", "--nproc", "2")}.items():
         result = offline_dry_run(tmp_path, *PRESET, *args)
         runs[name] = report_of(result)
         out = result.stdout
@@ -75,6 +75,9 @@ def test_production_preset_dry_run_works_offline(tmp_path):
     assert zero2["world_size"] == 4 and zero2["zero_stage"] == 2 and zero2["optimizer_offload"] is False
     assert one["world_size"] == 1 and one["optimizer_offload"] is True
     assert two["world_size"] == 4 and two["zero_stage"] == 0 and two["optimizer_offload"] is False
+    # two nodes of two ranks each: the same four devices, planned alike
+    assert two["nodes"] == 2 and zero2["nodes"] == 1
+    assert "mode         two-stage, world size 4 (2 nodes x 2 ranks)" in outputs["two_stage_x4"]
     # the optimizer shard on the GPU (4 ranks) against the one offloaded to the CPU (zero2.json)
     mem4, mem1 = zero2["memory"], one["memory"]
     assert mem4["training_gib"]["optimizer"] > 0 and mem1["training_gib"]["optimizer"] == 0

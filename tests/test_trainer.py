@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -438,3 +439,34 @@ def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
                                                                                     for b in batches)
     # 96 examples are one mega-batch; python -m bench.padding measures the full mix (0.99 vs 0.73).
     assert shares["true"] > shares["false"] + 0.05, shares
+
+
+def test_export_writes_a_model_card_of_the_run_and_a_failed_push_keeps_the_export(single_hf, tmp_path):
+    """The card holds what the run recorded: its exported step's generation metrics, its data's hashes and
+    sizes, its settings. The push itself needs the Hub (not reachable here): offline, it fails in one line
+    after the export is complete, and the token is not printed."""
+    from core.metrics import HEADLINE
+
+    cwd, _ = single_hf
+    stage = cwd / "out" / "single"
+    s = summary(cwd / "out")
+    result = train("export", "--adapter", str(stage / "adapter"), "--out", str(tmp_path / "card"),
+                   "--push-to-hub", "someone/offenders", cwd=tmp_path,
+                   env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_notarealtoken123"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: push to the Hub repository someone/offenders failed" in result.stderr
+    assert f"the export is complete in {tmp_path / 'card'}" in result.stderr
+    assert "hf_notarealtoken123" not in result.stdout + result.stderr
+    card = (tmp_path / "card" / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---")[1])
+    model_name = yaml.safe_load((stage / "config.yaml").read_text(encoding="utf-8"))["model_name"]
+    assert front["base_model"] == model_name and front["library_name"] == "peft" and front["language"] == ["ja"]
+    assert front["license"] == "apache-2.0"
+    step = (s.get("best") or {}).get("adapter_step") or s["global_step"]
+    metrics = json.loads((stage / f"gen_metrics_step{step}.json").read_text())
+    assert f"At the exported step ({step}), on {metrics['gen_num_examples']} validation records" in card
+    for name in HEADLINE:
+        assert f"| {name} | {float(metrics[name]):.4f} |" in card, name
+    assert f"| single | train | `{Path(s['data']['train_file']).name}` | 48 | `{s['data']['train_sha256'][:16]}` |" in card
+    assert "| lora_r | 16 |" in card and "| mode | single |" in card
+    assert "## Intended use and limits" in card and "presumed innocent" in card

@@ -154,3 +154,15 @@ class RecordAdapterAtStart(TrainerCallback):
         with open(Path(args.output_dir) / f"adapter_at_start-{os.environ.get('RANK', '0')}.json", "w",
                   encoding="utf-8") as f:
             json.dump(total, f)
+
+
+class HoldNodeAtStep(TrainerCallback):
+    """Stops one node's ranks after an optimizer step (HOLD_AT_STEP on node HOLD_NODE) until the test kills
+    them: the other node goes on into the next step's collectives, as when a machine dies mid-run."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from core.distributed import node_rank
+
+        if state.global_step == int(os.environ["HOLD_AT_STEP"]) and node_rank() == int(os.environ["HOLD_NODE"]):
+            Path(os.environ["HOLD_FILE"]).write_text(str(os.getpid()), encoding="utf-8")
+            time.sleep(600)

@@ -16,6 +16,36 @@ REPO = Path(__file__).resolve().parents[2]
 
 # name: (file, text, replacement, pytest selection)
 MUTATIONS = {
+    "cpu-ranks-cannot-resume": (
+        "finetune/checkpoints.py",
+        "if checkpoint is None or device.type != \"cpu\" or device.index is None:",
+        "if True:",
+        ["tests/test_multinode.py", "-k", "killed"]),
+    "mlflow-logged-by-every-node": (
+        "callbacks/mlflow_logger.py",
+        "from core.distributed import is_rank_zero\n",
+        "from core.distributed import is_local_zero as is_rank_zero\n",
+        ["tests/test_multinode.py", "-k", "killed"]),
+    "output-folder-not-checked": (
+        "finetune/nodes.py",
+        "    if nodes() <= 1:\n        return\n    import torch.distributed as dist\n",
+        "    return\n    import torch.distributed as dist\n",
+        ["tests/test_multinode.py", "-k", "not_shared"]),
+    "resume-on-any-world-size": (
+        "finetune/nodes.py",
+        'if before.get("world_size") != world_size():',
+        "if False:",
+        ["tests/test_nodes.py", "-k", "resume"]),
+    "slurm-rendezvous-on-the-wrong-host": (
+        "scripts/slurm/torchrun_args.py",
+        'return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")',
+        'return prefix + (ranges.split(",")[-1].split("-")[-1] if ranges else "")',
+        ["tests/test_nodes.py", "-k", "slurm"]),
+    "card-quotes-the-last-step": (
+        "finetune/model_card.py",
+        '    return (summary.get("best") or {}).get("adapter_step") or summary.get("global_step")',
+        '    return summary.get("global_step")',
+        ["tests/test_export.py", "-k", "model_card"]),
     "library-noise-shown": (
         "finetune/cli.py",
         "    silence_known_noise(verbose_requested(argv))\n",
