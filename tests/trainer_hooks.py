@@ -14,8 +14,6 @@ WreckLearningRate: from global step WRECK_FROM_STEP (0-based) on, every optimize
 learning rate WRECK_LR: a run whose late steps are worse than its early ones.
 RecordAdapterAtStart: per stage and rank, the sum of |w| over the LoRA weights when training begins
 (which adapter a stage continues).
-ArticleCutFromPrompt: a deliberately broken reading path: from its creation on, the one prompt
-builder leaves the article out (training rows and the evaluator's prompts alike).
 """
 
 import gc
@@ -130,15 +128,6 @@ class RecordStageRelease(TrainerCallback):
         RecordStageRelease.optimizers.append(weakref.ref(optimizer))
         with open(Path(args.output_dir) / "earlier_optimizers_alive.json", "w", encoding="utf-8") as f:
             json.dump(alive, f)
-
-
-class ArticleCutFromPrompt(TrainerCallback):
-    def __init__(self):
-        from core import prompt
-
-        # The trainer builds its rows and the evaluator its prompts through this module's function.
-        prompt.prompt_messages = lambda instruction, article: [
-            {"role": "system", "content": instruction}, {"role": "user", "content": "（記事）"}]
 
 
 class WreckLearningRate(TrainerCallback):

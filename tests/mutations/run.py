@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 # name: (file, text, replacement, pytest selection)
 MUTATIONS = {
+    "control-trains-with-the-article": (
+        "tests/blind_reader/sitecustomize.py",
+        "prompt.prompt_messages = lambda instruction, article: [",
+        "_unused = lambda instruction, article: [",
+        ["tests/test_reading.py", "-k", "cannot_see"]),
+    "demo-reference-off-by-0.1": (
+        "tests/reference/demo_metrics.json",
+        '"gen_offender_name_set_f1": 0.9138,',
+        '"gen_offender_name_set_f1": 0.8138,',
+        ["tests/test_reading.py", "-k", "committed_figures"]),
     "cpu-ranks-cannot-resume": (
         "finetune/checkpoints.py",
         "if checkpoint is None or device.type != \"cpu\" or device.index is None:",
