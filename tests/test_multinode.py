@@ -62,10 +62,6 @@ def kill_node(agent: subprocess.Popen) -> None:
     agent.wait(timeout=60)
 
 
-def losses(out: Path) -> list:
-    return summary(out)["train_losses"]
-
-
 def test_two_nodes_one_killed_mid_run_resume_gives_the_uninterrupted_losses(tmp_path, mlflow_server):
     uri, _ = mlflow_server
     full = tmp_path / "full"
@@ -110,10 +106,17 @@ def test_two_nodes_one_killed_mid_run_resume_gives_the_uninterrupted_losses(tmp_
                                                  [*ARGS, f"output_dir={killed}", "--resume"]))
     assert codes == [0, 0], output[-6000:]
     assert "resuming from" in output and "checkpoint-2" in output
-    resumed, uninterrupted = losses(killed), losses(full)
-    assert [step for step, _ in resumed] == [1, 2, 3, 4]
-    for (step, loss), (_, reference) in zip(resumed, uninterrupted):
-        assert loss == pytest.approx(reference, rel=1e-4), (step, loss, reference)
+    # the run it replaced: the same losses step by step, final metrics and best-step choice (same data order,
+    # schedule, optimizer and RNG state on both nodes; step 2 was judged before the kill, not again after it)
+    resumed, uninterrupted = summary(killed), summary(full)
+    assert [step for step, _ in resumed["train_losses"]] == [1, 2, 3, 4]
+    for (step, loss), (_, reference) in zip(resumed["train_losses"], uninterrupted["train_losses"], strict=True):
+        assert loss == pytest.approx(reference, rel=1e-5), (step, loss, reference)
+    gen = {k: v for k, v in resumed["metrics"].items() if k.startswith("gen_")}
+    assert gen and gen == {k: v for k, v in uninterrupted["metrics"].items() if k.startswith("gen_")}
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(uninterrupted["metrics"]["eval_loss"], rel=1e-5)
+    assert [e["step"] for e in resumed["best"]["evaluations"]] == [2, 4]
+    assert resumed["best"] == uninterrupted["best"]
 
 
 def test_an_output_folder_that_is_not_shared_stops_every_node(tmp_path):

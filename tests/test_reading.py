@@ -56,7 +56,10 @@ def test_a_run_that_cannot_see_the_article_fails_the_name_gate(tmp_path, demo_ru
     # (tests/blind_reader/sitecustomize.py): training rows and evaluation prompts alike. The answer format
     # and `[]` for negatives can still be learnt, the names cannot.
     blind = {"PYTHONPATH": os.pathsep.join((str(REPO / "tests" / "blind_reader"), str(REPO), str(REPO / "tests")))}
-    ok(train("--mode", "single", "--preset", "tiny", "output_dir=out", cwd=tmp_path, env=blind, timeout=900))
+    # every training step of the real command; one evaluation, at its last step (evaluating does not change
+    # training: tests/test_moe.py)
+    ok(train("--mode", "single", "--preset", "tiny", "output_dir=out", "eval_steps=375", cwd=tmp_path, env=blind,
+             timeout=900))
     s = summary(tmp_path / "out")
     m = s["metrics"]
     # it trained blind: its rows lack the article (measured on the tiny mix: 143 tokens on average, 176 with it)

@@ -27,6 +27,11 @@ SLOW = (
     "-m bench.tiny_runs",
     "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
     "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs
+    # Qwen3's tokenizer over the whole generated mix (~120K records, ~45 s); tests/test_token_lengths.py runs
+    # the same command on a slice
+    "data_tools stats data/train/hawks_train_curriculum.json",
+    # the same command on 30 examples is tests/test_parity.py::test_tokens_cuts_our_packed_rows_back_into_axolotls_examples
+    "parity.py tokens -n 50 --set packing=true",
     # Axolotl tokenises the whole full-scale file first (minutes); tests/test_parity.py runs this pair on a slice
     "--config-axolotl axolotl_configs/qwen_finetune.yml",
 )

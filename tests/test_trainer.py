@@ -269,44 +269,21 @@ def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
     assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.ndim == 3
 
 
-def test_resume_after_sigkill_is_the_run_it_replaced(tmp_path):
-    """Killed after its checkpoint at step 2 and resumed: the same losses step by step, the same final
-    generation metrics and the same best-step choice as an uninterrupted run (same data order, schedule,
-    optimizer and RNG state)."""
-    args = ["--mode", "single", "--backend", "hf", "output_dir=out", *SMALL,
-            "max_steps=6", "save_steps=2", "eval_steps=2", "extra_callbacks=trainer_hooks.SlowSteps"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
-           "SLOW_FROM_STEP": "2", "SLOW_STEP_SECONDS": "30"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "qwen_finetune.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "out" / "single" / "checkpoint-2"
-    deadline = time.time() + 300
-    while not (checkpoint / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists() and not (tmp_path / "out" / "single" / "COMPLETE").exists()
+def test_an_unfinished_stage_is_not_restarted_without_resume(tmp_path):
+    """A stage folder with a checkpoint and no COMPLETE (a killed run: tests/test_multinode.py kills one and
+    resumes it) is refused, before any model loads, unless --resume or --overwrite says what to do."""
+    from finetune.config import ConfigError, resolve
+    from finetune.stages import plan_stage_dirs, stage_dir, stages_for
 
-    refused = train(*args, cwd=tmp_path)
-    assert refused.returncode == 1 and "--resume" in refused.stderr
-
-    resumed = ok(train(*args, "--resume", cwd=tmp_path, env={"SLOW_STEP_SECONDS": "0"}))
-    assert "resuming from" in resumed.stdout
-    s = summary(tmp_path / "out")
-    assert s["global_step"] == 6 and [step for step, _ in s["train_losses"]] == [1, 2, 3, 4, 5, 6]
-
-    whole_args = [a if a != "output_dir=out" else "output_dir=whole" for a in args]
-    ok(train(*whole_args, cwd=tmp_path, env={"SLOW_STEP_SECONDS": "0"}))
-    whole = summary(tmp_path / "whole")
-    for (step, loss), (_, expected) in zip(s["train_losses"], whole["train_losses"], strict=True):
-        assert loss == pytest.approx(expected, rel=1e-5), step
-    gen = {k: v for k, v in s["metrics"].items() if k.startswith("gen_")}
-    assert gen and gen == {k: v for k, v in whole["metrics"].items() if k.startswith("gen_")}
-    assert s["metrics"]["eval_loss"] == pytest.approx(whole["metrics"]["eval_loss"], rel=1e-5)
-    # the best-step choice carries over the kill: step 2 was judged before it, and not again after it
-    assert [e["step"] for e in s["best"]["evaluations"]] == [2, 4, 6]
-    assert s["best"] == whole["best"]
+    cfg = resolve("single", "tiny", None, {"output_dir": str(tmp_path / "out")}, {})
+    stages = stages_for(cfg)
+    (stage_dir(cfg, stages[0]) / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds an unfinished run \(latest: checkpoint-2\)\. Pass --resume to "
+                                          r"continue it, or --overwrite to start over"):
+        plan_stage_dirs(cfg, stages, resume=False, overwrite=False)
+    plan_stage_dirs(cfg, stages, resume=True, overwrite=False)  # goes on from checkpoint-2
+    plan_stage_dirs(cfg, stages, resume=False, overwrite=True)
+    assert not stage_dir(cfg, stages[0]).exists()  # cleared to start over
 
 
 def test_watchdog_stays_quiet_through_slow_evaluations_and_saves_and_fires_on_a_slow_step(tmp_path):
