@@ -50,8 +50,8 @@ def model_card(adapter: Path, base: str, merged: bool, license_id: str) -> str:
         if (stage / "run_summary.json").is_file() else {}
     step = exported_step(adapter, summary) if summary else None
     metrics = step_metrics(stage, step, summary) if summary else {}
-    stages = [p for p in (stage.parent / "stage1", stage) if (p / "run_summary.json").is_file()] \
-        if stage.name == "stage2" else [stage]
+    stages = [p for p in ((stage.parent / "stage1", stage) if stage.name == "stage2" else (stage,))
+              if (p / "run_summary.json").is_file()]
     data_rows = []
     for s in stages:
         data_rows += _data_rows(json.loads((s / "run_summary.json").read_text(encoding="utf-8")), s.name)

@@ -76,6 +76,8 @@ def test_export_refuses_to_overwrite_and_copies_an_adapter_without_merge(tmp_pat
     assert (tmp_path / "exported" / "tokenizer_config.json").is_file()
     assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "exported") is not None  # the base path resolves
     assert config["base_model_name_or_path"].endswith("dense")
+    # a folder without a run summary (an adapter saved by hand) still gets a card, saying what it lacks
+    assert "No generation metrics were recorded" in (tmp_path / "exported" / "README.md").read_text(encoding="utf-8")
 
     again = train("export", "--adapter", str(adapter), "--out", "exported", "--merge", cwd=tmp_path)
     assert again.returncode == 1 and "Traceback" not in again.stderr
