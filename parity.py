@@ -32,8 +32,8 @@ from pathlib import Path
 import yaml
 
 from core.errors import UserError
-from core.quiet import silence_known_noise, verbose_requested
 from core.metrics import HEADLINE, compute_metrics, record_context
+from core.quiet import silence_known_noise, verbose_requested
 from core.records import DataError, gold_offenders, load_records, read_rows
 from data_tools.cli_args import add_fields
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.errors import UserError
 from core.records import replace_dir
 from core.redact import redact_text
 from finetune.config import ConfigError
@@ -138,7 +139,7 @@ def export(adapter: Path, out: Path, merge: bool, base: str | None, overwrite: b
             what, notes = "adapter (not merged; pass --merge for a standalone model)", []
         tokenizer.save_pretrained(str(tmp))
         card_base = base or info.get("model_name") or base_path  # the hub id the run named, not a local path
-        (tmp / "README.md").write_text(model_card(adapter, card_base, merge, license_id), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(adapter, card_base, merge, license_id, info), encoding="utf-8")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,6 +177,6 @@ def main(argv: list[str], prog: str) -> int:
         if args.push_to_hub:
             push_to_hub(Path(args.out), args.push_to_hub, args.private)
         return code
-    except (ConfigError, OSError) as e:  # OSError: a base or adapter that does not load; no traceback
+    except (UserError, OSError) as e:  # a malformed run file, a base or adapter that does not load: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,12 +4,12 @@ validation set at the exported step, intended use and limits, licence; the Hub's
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from core.metrics import HEADLINE
+from core.records import load_json
 
 SETTINGS = ("mode", "backend", "load_in_4bit", "dtype", "max_length", "packing", "lora_r", "lora_alpha",
             "lora_dropout", "learning_rate", "stage1_learning_rate", "stage2_learning_rate", "num_epochs",
@@ -27,7 +27,7 @@ def exported_step(adapter: Path, summary: dict) -> int | None:
 def step_metrics(stage: Path, step: int | None, summary: dict) -> dict:
     path = stage / f"gen_metrics_step{step}.json"
     if step is not None and path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path)
     return summary.get("metrics") or {} if step == summary.get("global_step") else {}
 
 
@@ -37,24 +37,26 @@ def _data_rows(summary: dict, stage_name: str) -> list[str]:
     for kind in ("train", "eval"):
         if data.get(f"{kind}_file"):
             count = data.get(f"{kind}_examples")
-            rows.append(f"| {stage_name} | {kind} | `{Path(data[kind + '_file']).name}` | "
-                        f"{count:,} | `{(data.get(kind + '_sha256') or '?')[:16]}` |" if isinstance(count, int) else
-                        f"| {stage_name} | {kind} | `{Path(data[kind + '_file']).name}` | ? | ? |")
+            size, digest = (f"{count:,}", f"`{(data.get(kind + '_sha256') or '?')[:16]}`") \
+                if isinstance(count, int) else ("?", "?")
+            rows.append(f"| {stage_name} | {kind} | `{Path(data[kind + '_file']).name}` | {size} | {digest} |")
     return rows
 
 
-def model_card(adapter: Path, base: str, merged: bool, license_id: str) -> str:
+def stage_summaries(stage: Path) -> dict[str, dict]:
+    """{stage name: run_summary.json} of the exported stage and, for stage2, of stage1 before it."""
+    folders = (stage.parent / "stage1", stage) if stage.name == "stage2" else (stage,)
+    return {f.name: load_json(f / "run_summary.json") for f in folders if (f / "run_summary.json").is_file()}
+
+
+def model_card(adapter: Path, base: str, merged: bool, license_id: str, config: dict) -> str:
+    """`config`: the run's config.yaml beside the adapter, as export read it ({} when absent)."""
     stage = adapter.parent
-    config = yaml.safe_load((stage / "config.yaml").read_text(encoding="utf-8")) if (stage / "config.yaml").is_file() else {}
-    summary = json.loads((stage / "run_summary.json").read_text(encoding="utf-8")) \
-        if (stage / "run_summary.json").is_file() else {}
+    summaries = stage_summaries(stage)
+    summary = summaries.get(stage.name, {})
     step = exported_step(adapter, summary) if summary else None
     metrics = step_metrics(stage, step, summary) if summary else {}
-    stages = [p for p in ((stage.parent / "stage1", stage) if stage.name == "stage2" else (stage,))
-              if (p / "run_summary.json").is_file()]
-    data_rows = []
-    for s in stages:
-        data_rows += _data_rows(json.loads((s / "run_summary.json").read_text(encoding="utf-8")), s.name)
+    data_rows = [row for name, s in summaries.items() for row in _data_rows(s, name)]
     front = {"base_model": base, "library_name": "transformers" if merged else "peft", "license": license_id,
              "language": ["ja"], "pipeline_tag": "text-generation",
              "tags": ["qwen3", "lora", "information-extraction", "japanese-news", "qwen-finetune"]}

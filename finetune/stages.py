@@ -101,11 +101,12 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
             continue
         if not path.exists():
             continue
-        if latest_checkpoint(path) and not resume:
-            raise ConfigError(f"{path} holds an unfinished run (latest: {latest_checkpoint(path).name}). "
+        latest = latest_checkpoint(path)
+        if latest and not resume:
+            raise ConfigError(f"{path} holds an unfinished run (latest: {latest.name}). "
                               "Pass --resume to continue it, or --overwrite to start over")
-        if latest_checkpoint(path) and resume:
-            check_resume_launch(path, latest_checkpoint(path))
+        if latest:
+            check_resume_launch(path, latest)
 
 
 def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True, model=None):

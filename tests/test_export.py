@@ -118,8 +118,8 @@ def test_model_card_reports_the_exported_step(tmp_path):
 
     stage = tmp_path / "run" / "stage2"
     stage.mkdir(parents=True)
-    (stage / "config.yaml").write_text(yaml.safe_dump({"mode": "two-stage", "model_name": "Qwen/Qwen3-30B-A3B",
-                                                       "lora_r": 32, "load_in_4bit": True}))
+    config = {"mode": "two-stage", "model_name": "Qwen/Qwen3-30B-A3B", "lora_r": 32, "load_in_4bit": True}
+    (stage / "config.yaml").write_text(yaml.safe_dump(config))
     summary = {"global_step": 4, "train_losses": [[1, 2.5], [4, 0.5]], "best": {"metric": HEADLINE[2], "adapter_step": 2},
                "data": {"train_file": "data/mix.json", "train_examples": 1200, "train_sha256": "ab" * 32},
                "launch": {"nodes": 2, "ranks_per_node": 8}}
@@ -130,8 +130,9 @@ def test_model_card_reports_the_exported_step(tmp_path):
     (tmp_path / "run" / "stage1").mkdir()
     (tmp_path / "run" / "stage1" / "run_summary.json").write_text(json.dumps(
         {"global_step": 9, "data": {"train_file": "data/pos.json", "train_examples": 300, "train_sha256": "cd" * 32}}))
-    best = model_card(stage / "adapter", "Qwen/Qwen3-30B-A3B", merged=True, license_id="apache-2.0")
-    last = model_card(stage / "adapter_last", "Qwen/Qwen3-30B-A3B", merged=False, license_id="apache-2.0")
+    best = model_card(stage / "adapter", "Qwen/Qwen3-30B-A3B", merged=True, license_id="apache-2.0", config=config)
+    last = model_card(stage / "adapter_last", "Qwen/Qwen3-30B-A3B", merged=False, license_id="apache-2.0",
+                      config=config)
     assert f"| {HEADLINE[2]} | 0.8750 |" in best and "step 2 of 4" in best and "chosen for the highest" in best
     assert f"| {HEADLINE[2]} | 0.8125 |" in last and "step 4 of 4" in last and "chosen for the highest" not in last
     assert "| stage1 | train | `pos.json` | 300 |" in best and "| stage2 | train | `mix.json` | 1,200 |" in best
