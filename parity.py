@@ -19,7 +19,7 @@ sizes that contradict the config. One line per problem; exit 1 on an error.
 
 `tokens`, `evaluate`, `compare` and `run` are the stack comparison: same
 tokens and loss mask, the one shared evaluator, a verdict with tolerances,
-and the whole loop on the tiny preset (see parity_tools/ and the README).
+and the whole loop on the tiny preset (see parity_tools/ and docs/parity.md).
 """
 
 from __future__ import annotations

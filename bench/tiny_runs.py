@@ -1,4 +1,4 @@
-"""The README's measured runs on the tiny preset, recorded in bench/RESULTS.md.
+"""The measured runs on the tiny preset quoted in the README and docs/parity.md, recorded in bench/RESULTS.md.
 
     .venv/bin/python -m bench.tiny_runs [--only demo|parity]
 
@@ -9,7 +9,7 @@
   the total.
 
 Each run writes into a temporary folder; nothing in outputs/ is touched. `python -m bench.readme_figures`
-then checks the README's figures against these sections. About 9 minutes on 2 cores.
+then checks the quoted figures against these sections. About 9 minutes on 2 cores.
 """
 
 from __future__ import annotations

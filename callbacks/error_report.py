@@ -2,7 +2,7 @@
 
 Pure stdlib (the Axolotl plugin writes the same report): `gen_errors_step{N}.md` beside the metrics of
 the training callback and `errors.md` beside `parity.py evaluate`'s. The categories are defined in
-core/metrics.py (`classify`) and in the README ("Error categories").
+core/metrics.py (`classify`) and in docs/metrics.md ("Error categories").
 """
 
 from __future__ import annotations

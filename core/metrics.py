@@ -4,7 +4,7 @@ Pure stdlib on purpose: Axolotl's environment, the trainer and the parity
 harness all import this file, and the numbers must mean the same everywhere.
 
 A prediction is parsed strictly (see ``parse_prediction``); an unparseable
-prediction is wrong on every metric. Definitions are in the README
+prediction is wrong on every metric. Definitions are in docs/metrics.md
 ("Metrics") and mirrored in the docstrings below.
 """
 
@@ -144,7 +144,7 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 1.0 if denom == 0 else 2 * tp / denom
 
 
-# One category per prediction, the first that applies, in this order (README: "Error categories").
+# One category per prediction, the first that applies, in this order (docs/metrics.md: "Error categories").
 ERROR_CATEGORIES: tuple[str, ...] = ("truncated", "unparseable", "ungrounded_name", "non_offender_extracted",
                                      "missed_offender", "wrong_attributes", "correct")
 

@@ -42,7 +42,7 @@ def prepare_messages(paths: list[str]) -> list[str]:
     for source, target in todo:
         if not source.is_file():
             raise DataError(f"{target} is missing and so is its record file {source}: create it with "
-                            "`python -m data_tools prepare` (see README), or point the config at your data")
+                            "`python -m data_tools prepare` (docs/data.md), or point the config at your data")
         rows = convert_rows(read_rows(source), "auto", "messages", DEFAULT_FIELDS)
         write_rows(target, rows)
         done.append(f"{source} -> {target} ({len(rows):,} records)")

@@ -29,7 +29,7 @@ print(c.get("deepspeed") or "-", c.get("base_model") or "-")' "$config")
 # The deepspeed file must exist before a multi-minute model load.
 [[ "$ds" == - || -f "$ds" ]] || { echo "error: $config: deepspeed file not found: $ds" >&2; exit 1; }
 
-# tiny-dense / tiny-moe: the tiny models shipped in tiny/ (see README).
+# tiny-dense / tiny-moe: the tiny models shipped in tiny/ (docs/tiny-models.md).
 model_args=()
 if [[ "$base" == tiny-dense || "$base" == tiny-moe ]]; then
   dir="$PWD/tiny/${base#tiny-}"

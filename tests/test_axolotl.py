@@ -65,7 +65,7 @@ def test_check_finds_attention_only_targets_on_the_30b_moe(tmp_path, axolotl_rea
 
 
 # The shipped configs pass the check with no base_model/model_config warning: tests/test_readme_commands.py
-# runs the README's check-axolotl command on each of them.
+# runs docs/axolotl.md's check-axolotl command on each of them.
 
 
 def test_check_reports_a_plugin_that_rejects_the_config(tmp_path, axolotl_ready):

@@ -1,9 +1,10 @@
-"""The README's quick commands, as the README writes them today.
+"""The quick commands of README.md and docs/*.md, as those files write them today.
 
-Every command in the README's ```bash blocks is read from the file (an edited
-README is what gets tested) and either run here, in a scratch folder that
-mirrors the repository, or named below as not quick (training, installs,
-GPUs). A new command that is neither fails `test_every_readme_command_is_run_or_named_as_slow`.
+Every command in the ```bash blocks of README.md and of each page under docs/
+is read from the file it lives in (an edited page is what gets tested) and
+either run here, in a scratch folder that mirrors the repository, or named
+below as not quick (training, installs, GPUs, cluster launchers). A new
+command that is neither fails `test_every_readme_command_is_run_or_named_as_slow`.
 Each quick command must exit 0 and print its key line; every documented
 entry point must answer `--help`.
 """
@@ -24,6 +25,7 @@ from conftest import REPO
 SLOW = (
     "bash scripts/", "torchrun ", ".venv/bin/pip install", "-m pytest", "-m bench.gpu", "-m bench.probe",
     "-m tiny.build",
+    "sbatch ", "deepspeed --hostfile",  # cluster launchers (docs/multi-node.md)
     "-m bench.tiny_runs",
     "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
     "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs
@@ -36,7 +38,8 @@ SLOW = (
     "--config-axolotl axolotl_configs/qwen_finetune.yml",
 )
 SLOW_TRAINING = re.compile(r"qwen_finetune(_legacy)?\.py (?!.*--dry-run)")
-# README placeholders -> what stands in for them here (CONFIG.yml: each shipped Axolotl config in turn).
+# Placeholders in the documented commands -> what stands in for them here (CONFIG.yml: each shipped Axolotl
+# config in turn).
 PLACEHOLDERS = {"DIR": "tiny/dense"}
 SHIPPED_AXOLOTL_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "axolotl_configs").glob("*.yml"))
 # The line a working command prints (a regex on stdout + stderr).
@@ -58,29 +61,42 @@ KEY_LINES = {
     # the predictions below are the gold answers: every rate is perfect
     "parity.py score": r'"gen_json_parse_rate": 1\.0,[\s\S]*"gen_offender_name_set_f1": 1\.0,[\s\S]*'
                        r'"gen_all_fields_exact_match_rate": 1\.0,',
-    "bench.readme_figures": r"all \d+ README figures agree",
+    "bench.readme_figures": r"all \d+ figures quoted in README\.md and docs/ agree",
 }
 # Lines a working command must not print: every shipped Axolotl config has its LoRA targets checked against
 # its model (base_model found) and states the MoE router aux loss (model_config).
 NOT_LINES = {"parity.py check-axolotl": r"(?m)^warning: \S+: (base_model|model_config):"}
 
 
-def readme_commands() -> list[str]:
-    """Each command of each ```bash block: continuations joined, comments dropped, `name=value` lines
-    expanded where a later command uses `$name` (as a reader's shell would)."""
-    commands, variables = [], {}
-    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S):
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            line = re.sub(r"(^|\s+)#.*$", "", line).strip()
-            if not line:
-                continue
-            if m := re.fullmatch(r"(\w+)=(\S+)", line):
-                variables[m.group(1)] = m.group(2)
-                continue
-            for name, value in variables.items():
-                line = line.replace(f"${name}", value)
-            commands.append(line)
+def documented_files() -> list[str]:
+    """README.md, then each page under docs/, relative to the repository root."""
+    return ["README.md"] + sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for each command of each ```bash block of README.md and docs/*.md: continuations
+    joined, comments dropped, `name=value` lines expanded where a later command of the same file uses
+    `$name` (as a reader's shell would, one file at a time)."""
+    commands = []
+    for name in documented_files():
+        variables = {}
+        for block in re.findall(r"```bash\n(.*?)```", (REPO / name).read_text(encoding="utf-8"), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = re.sub(r"(^|\s+)#.*$", "", line).strip()
+                if not line:
+                    continue
+                if m := re.fullmatch(r"(\w+)=(\S+)", line):
+                    variables[m.group(1)] = m.group(2)
+                    continue
+                for var, value in variables.items():
+                    line = line.replace(f"${var}", value)
+                commands.append((name, line))
     return commands
+
+
+def readme_commands() -> list[str]:
+    """Every documented command, README.md's first, then each docs/ page's."""
+    return [command for _, command in documented_commands()]
 
 
 def is_slow(command: str) -> bool:
@@ -92,12 +108,19 @@ def quick_commands() -> list[str]:
 
 
 def test_every_readme_command_is_run_or_named_as_slow():
-    commands = readme_commands()
+    documented = documented_commands()
+    commands = [command for _, command in documented]
     assert len(commands) > 30
-    for command in quick_commands():
-        assert any(key in command for key in KEY_LINES), f"README command with no expected output here: {command}"
-    # the first-command pair is documented and named slow, not forgotten
-    assert "bash scripts/setup.sh && bash scripts/demo.sh" in commands
+    for name, command in documented:
+        assert "$" not in command, f"{name}: a variable the file does not set: {command}"
+        if not is_slow(command):
+            assert any(key in command for key in KEY_LINES), f"{name}: command with no expected output here: {command}"
+    # the first-command pair is documented in the README and named slow, not forgotten
+    assert ("README.md", "bash scripts/setup.sh && bash scripts/demo.sh") in documented
+    assert ("README.md", "bash scripts/setup.sh && bash scripts/setup_axolotl.sh && .venv/bin/python -m pytest -q") \
+        in documented
+    # the pages under docs/ are read too: the data tools and the parity harness live there
+    assert {name for name, _ in documented} >= {"README.md", "docs/data.md", "docs/parity.md"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +146,7 @@ def run(command: str, cwd) -> subprocess.CompletedProcess:
 def test_quick_readme_commands_run_as_written(scratch):
     commands = [c.replace("CONFIG.yml", config) if "CONFIG.yml" in c else c
                 for c in quick_commands() for config in (SHIPPED_AXOLOTL_CONFIGS if "CONFIG.yml" in c else [c])]
-    # The data tools first (they write the files the other commands read), then in README order.
+    # The data tools first (they write the files the other commands read), then in documented order.
     commands.sort(key=lambda c: "data_tools" not in c)
     ran = []
     for command in commands:
@@ -168,13 +191,14 @@ def test_quick_readme_commands_run_as_written(scratch):
 
 
 def entry_points() -> set[tuple[str, ...]]:
-    """(program, subcommand) of every python command the README shows."""
+    """(program, subcommand) of every python command README.md and docs/ show."""
     found = set()
     for command in readme_commands():
         argv = shlex.split(re.sub(r"\s*\[[^\]]*\]", "", command))
         if argv[0] not in (".venv/bin/python", "torchrun"):
             continue
-        argv = [a for a in argv if not a.startswith("--nproc")] if argv[0] == "torchrun" else argv
+        if argv[0] == "torchrun":  # torchrun's own options (--nproc_per_node=4, --nnodes=2, --rdzv-...) left out
+            argv = [argv[0]] + argv[next(i for i, a in enumerate(argv[1:], 1) if not a.startswith("-")):]
         rest = argv[1:]
         if rest[:1] == ["-m"]:
             program, rest = ("-m", rest[1]), rest[2:]
