@@ -186,7 +186,8 @@ def predict(cfg, gen_records: list[dict], new_tokens: int, row_tokens: int, trai
     from finetune.memory import Launcher, estimate
     from callbacks.generation_eval import prompt_lengths
     from finetune.model import load_tokenizer
-    from finetune.preflight import memory_shape, meta_model, with_lora
+    from finetune.model_source import meta_model
+    from finetune.memory_plan import memory_shape, with_lora
 
     model, model_config, _ = meta_model(cfg)
     _, peft_model = with_lora(model, cfg)

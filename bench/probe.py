@@ -153,7 +153,8 @@ def predicted(m: dict, rates, gen_batch: int, new_tokens: int, device: str) -> d
     (one process, steady state, less the CUDA context the allocator does not count)."""
     from finetune.lora import count_parameters
     from finetune.memory import Launcher, estimate
-    from finetune.preflight import memory_shape, meta_model, with_lora
+    from finetune.model_source import meta_model
+    from finetune.memory_plan import memory_shape, with_lora
     from finetune.timing import decode_step_seconds, prefill_seconds, train_flops
 
     cfg = m["cfg"]

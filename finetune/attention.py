@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from finetune.config import SDPA_VARLEN as NAME
+from finetune.config_schema import SDPA_VARLEN as NAME
 # The models whose mask functions this was checked against (tests/test_attention.py): their masks are
 # causal, plus padding and packing, and nothing else (no sliding window, image blocks or other overlays)
 MODEL_TYPES = ("qwen3", "qwen3_moe")

@@ -10,6 +10,8 @@ import time
 from core.errors import ConfigError, UserError
 from core.quiet import silence_known_noise, verbose_requested
 from finetune import config as config_mod
+from finetune.config_schema import BACKENDS, MODES, describe_keys
+from finetune.presets import PRESETS
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -17,11 +19,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any configuration key can be set as key=value or --key value "
                "(e.g. learning_rate=1e-4 --lora_r 8); --help-config lists them.")
-    p.add_argument("--mode", choices=config_mod.MODES, help="single (bf16 LoRA, one stage) or two-stage "
+    p.add_argument("--mode", choices=MODES, help="single (bf16 LoRA, one stage) or two-stage "
                    "(4-bit QLoRA, positives then the mix)")
     p.add_argument("--config", help="YAML file of configuration keys")
-    p.add_argument("--preset", help=f"one of: {', '.join(config_mod.PRESETS)} (default: tiny)")
-    p.add_argument("--backend", choices=config_mod.BACKENDS, help="auto (Unsloth when it imports), unsloth, hf")
+    p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--backend", choices=BACKENDS, help="auto (Unsloth when it imports), unsloth, hf")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. deepspeed_configs/zero2.json), none, or auto "
                    "(the default: ZeRO-2 for bf16 LoRA on several GPUs, chosen to fit; see the dry run)")
     p.add_argument("--dry-run", action="store_true", help="print the preflight report and exit")
@@ -33,7 +35,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="continue an unfinished stage from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete and retrain stages that already exist")
-    p.add_argument("--help-config", action="store_true", help="list every configuration key and its default")
+    p.add_argument("--help-config", action="store_true", help="list every configuration key: type, default, description")
     p.add_argument("--verbose", action="store_true", help="also show the known harmless library messages that are "
                    "hidden by default (core/quiet.py; or QWEN_FINETUNE_VERBOSE=1)")
     return p
@@ -76,8 +78,7 @@ def main(argv: list[str] | None, prog: str, description: str, *, fixed: dict | N
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args, extra = build_parser(prog, description).parse_known_args(argv)
     if args.help_config:
-        for key, value in config_mod.to_dict(config_mod.FinetuneConfig()).items():
-            print(f"{key:<28} {value}")
+        print(describe_keys())
         return 0
     try:
         if args.nproc is not None and (not args.dry_run or args.nproc < 1):

@@ -13,11 +13,16 @@ ids at each example, which is what keeps attention inside each example.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.distributed import is_rank_zero, world_size
 from core.prompt import record_messages
-from core.records import load_records, seeded_subset
+from core.records import file_sha256, load_records, seeded_subset
+from data_tools.stats import length_report
+from finetune.rehearsal import plan_general, text_rows
+from finetune.report import say
 
 ROW_COLUMNS = ["input_ids", "labels", "source"]
 
@@ -157,3 +162,64 @@ def packed_if_asked(cfg, train, evals, dropped: int, eval_dropped: int = 0) -> S
     return StageData(train, evals, dropped, cfg.packing, examples, tokens, cfg.max_length, eval_dropped)
 
 
+@dataclass
+class StageInputs:
+    """What a stage trains and evaluates on: its eval records, its finished datasets, the rehearsal plan
+    (None without one) and the data's identity for the summary."""
+    eval_records: list[dict]
+    rows: StageData
+    general: object
+    identity: dict
+
+
+def stage_inputs(cfg, stage, data: dict[str, list[dict]], tokenizer, timer) -> StageInputs:
+    """The stage's records (rehearsal mixed in) and their finished datasets, with what was cut or left
+    out said before training starts. `data`: {path: records} read once for the run; `timer`: the run's
+    phase timer."""
+    with timer(f"{stage.name}.data_load"):
+        train_records = seeded_subset(data[stage.train_file], cfg.max_train_samples, cfg.seed)
+        eval_records = (seeded_subset(data[cfg.eval_file], cfg.eval_max_samples, cfg.seed)
+                        if cfg.eval_file else [])
+        lengths = length_report(train_records, tokenizer, cfg.max_length)
+        general = plan_general(data.get(("general", cfg.rehearsal_data), cfg.rehearsal_data), cfg.rehearsal_ratio,
+                               data.get(("general", cfg.general_eval_file), cfg.general_eval_file),
+                               cfg.general_eval_samples, len(train_records), cfg.seed)
+    rehearsal_text: list[dict] = []
+    if general is not None and general.examples:
+        r = general.report
+        say(f"rehearsal: {r['examples']:,} {general.kind} examples from {r['file']} mixed with "
+            f"{r['task_examples']:,} task examples (share {r['share']:.1%}, {r['passes_over_pool']} passes "
+            f"over {r['pool']:,}; {r['skipped_empty_documents']} empty documents skipped)")
+        if general.kind == "records":
+            train_records = train_records + general.examples
+        else:
+            rehearsal_text = text_rows(general.examples, tokenizer, cfg.max_length)
+    if lengths["over_max_length"]:
+        say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
+            f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
+            f"token length percentiles: {lengths['tokens']}")
+    with timer(f"{stage.name}.tokenise"):
+        stage_rows = stage_data(cfg, train_records, eval_records, tokenizer, rehearsal_text)
+    say(f"{stage.name}: {describe_packing(stage_rows.report())}")
+    if stage_rows.dropped:
+        say(f"warning: {stage_rows.dropped:,} training examples left out: max_length {cfg.max_length} cuts "
+            "away their whole answer (no trained token left); raise max_length to keep them")
+    if stage_rows.eval_dropped:
+        say(f"warning: {stage_rows.eval_dropped:,} eval examples leave eval_loss: max_length {cfg.max_length} cuts "
+            "away their whole answer (the generation eval still scores them)")
+    data_identity = {"train_file": stage.train_file, "train_sha256": file_sha256(stage.train_file),
+                     "train_examples": len(train_records), "eval_file": cfg.eval_file,
+                     "eval_sha256": file_sha256(cfg.eval_file) if cfg.eval_file else None,
+                     "eval_examples": len(eval_records), "token_lengths": lengths,
+                     "sources": dict(Counter(r.get("source") or "(none)" for r in train_records)
+                                     + Counter(r["source"] for r in rehearsal_text)),
+                     "general": general.report if general else None}
+    return StageInputs(eval_records, stage_rows, general, data_identity)
+
+
+def gen_eval_records(cfg) -> list[dict] | None:
+    """The records the generation eval will score (None without an eval file or generation eval)."""
+    if not (cfg.gen_eval and cfg.eval_file and Path(cfg.eval_file).is_file()):
+        return None
+    return seeded_subset(load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed), cfg.gen_eval_max_samples,
+                         cfg.seed) or None

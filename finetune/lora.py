@@ -14,7 +14,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, ConfigError, check_no_expert_dropout
+from finetune.config import ConfigError, check_no_expert_dropout
+from finetune.config_schema import ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS
 
 CATEGORIES = ("attention", "dense_mlp", "experts", "router", "embeddings", "other")
 ROUTER_MODULE = "mlp.gate"

@@ -14,14 +14,14 @@ measurements at Qwen3-30B-A3B's real widths on a CPU (`python -m bench.memory`):
 - generation eval: the KV cache of one batch, the prefill of one layer and the
   same fold, while the training state stays resident.
 
-Nothing here loads weights: the dry run and the real run's pre-load check
-both call `plan(...)` with the meta model's parameter counts.
+Nothing here loads weights. The plan built on these peaks (which launcher, whether it fits, what would
+fit instead) is finetune/memory_plan.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 1024 ** 3
@@ -213,148 +213,3 @@ def estimate(shape: Shape, launcher: Launcher, *, tokens: int, gpu: bool = True,
         generation = {**{k: v for k, v in held.items() if k != "lora_grads"},
                       **generation_batch(shape, gen_batch, prompt_tokens, new_tokens, eager_experts=not gpu)}
     return Estimate(launcher, training, generation, CUDA_CONTEXT_GIB * GIB if gpu else 0.0)
-
-
-# --- the plan: which launcher, and whether it fits ------------------------------------------------------
-
-@dataclass
-class Workload:
-    """The run's sizes that the peaks depend on (the dry run measures the token counts when it can)."""
-    tokens: int  # per micro-batch: micro_batch_size x max_length (packed rows are full)
-    gen_batch: int  # 0: no generation eval
-    prompt_tokens: int  # the longest eval prompt (else max_length)
-    new_tokens: int  # the answer budget
-    checkpointing: bool = True
-    distill: bool = False
-    gen_batch_auto: bool = False  # gen_eval_batch_size=0: the plan picks the largest of AUTO_GEN_BATCHES that fits
-
-
-# A decode step on the MoE reads about the same weights for 16 rows as for 64 (and on PEFT's path refolds
-# every expert): bigger batches cost little more per step and share it (finetune/timing.py).
-AUTO_GEN_BATCHES = (64, 32, 16, 8, 4, 2, 1)
-CPU_GEN_BATCH = 16  # a CPU decodes 16 rows faster than 32 (bench/generation_eval.py)
-
-
-def deepspeed_candidates(cfg, world: int, gpu: bool) -> tuple[list[str], str]:
-    """([DeepSpeed config, or "" for none, in order of preference], why). `deepspeed=auto`: ZeRO-2 in bf16 on
-    several GPUs, the optimizer on the GPU first (faster: no CPU Adam, nothing to compile), offloaded when
-    that alone fits; plain DDP elsewhere."""
-    if cfg.deepspeed not in ("auto", "none", ""):
-        return [cfg.deepspeed], "deepspeed set"
-    if cfg.deepspeed != "auto":
-        return [""], "deepspeed=none"
-    if cfg.load_in_4bit:
-        return [""], "auto: 4-bit weights cannot be sharded by ZeRO; DDP"
-    if world <= 1:
-        return [""], "auto: one rank, nothing to shard"
-    if not gpu:
-        return [""], "auto: no GPU (DDP over gloo)"
-    return [str(ZERO2_ON_GPU), str(ZERO2_OFFLOAD)], f"auto: bf16 LoRA on {world} GPUs"
-
-
-def device_gib(cfg) -> float:
-    """The memory of this rank's device: `device_memory_gib` when set, else the GPU's, else the 80 GB card."""
-    if cfg.device_memory_gib > 0:
-        return cfg.device_memory_gib
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
-    return DEFAULT_DEVICE_GIB
-
-
-def fits(est: Estimate, device: float) -> bool:
-    return max(est.training_peak, est.generation_peak) <= FIT_SHARE * device * GIB
-
-
-def run_estimate(shape: Shape, deepspeed: str, world: int, work: Workload, gpu: bool = True) -> Estimate:
-    return estimate(shape, launcher_of(deepspeed, world), tokens=work.tokens, gpu=gpu, checkpointing=work.checkpointing,
-                    distill=work.distill, gen_batch=work.gen_batch, prompt_tokens=work.prompt_tokens,
-                    new_tokens=work.new_tokens)
-
-
-@dataclass
-class MemoryPlan:
-    deepspeed: str  # the chosen config ("" = none)
-    why: str
-    estimate: Estimate
-    device_gib: float
-    fits: bool
-    options: list[tuple[str, Estimate]] = field(default_factory=list)  # what would fit, when it does not
-    gen_batch: int = 0  # the generation-eval batch planned (chosen here for gen_eval_batch_size=0)
-    gen_batch_auto: bool = False
-
-    def report(self) -> dict:
-        def gib(x: float) -> float:
-            return round(x / GIB, 2)
-
-        est = self.estimate
-        return {"launcher": est.launcher.describe(), "deepspeed": self.deepspeed or None, "why": self.why,
-                "training_peak_gib": gib(est.training_peak), "gen_eval_peak_gib": gib(est.generation_peak),
-                "device_gib": round(self.device_gib, 1), "fits": self.fits,
-                "training_gib": {k: gib(v) for k, v in est.training.items()},
-                "gen_eval_gib": {k: gib(v) for k, v in est.generation.items()},
-                "overhead_gib": gib(est.overhead),
-                "gen_eval_batch_size": self.gen_batch or None, "gen_eval_batch_size_auto": self.gen_batch_auto,
-                "options": [{"change": change, "training_peak_gib": gib(o.training_peak),
-                             "gen_eval_peak_gib": gib(o.generation_peak)} for change, o in self.options]}
-
-    def describe(self) -> str:
-        est, limit = self.estimate, FIT_SHARE * self.device_gib
-        verdict = "fits" if self.fits else "does NOT fit"
-        gen = f", generation eval {est.generation_peak / GIB:.1f} GiB" if est.generation else ""
-        return (f"training {est.training_peak / GIB:.1f} GiB{gen} per device with {est.launcher.describe()} "
-                f"({self.why}): {verdict} a device of {self.device_gib:.0f} GiB (limit {limit:.0f} GiB, 90%)")
-
-    def describe_options(self) -> list[str]:
-        """One line per way out: what to change, its peaks, whether it fits alone."""
-        return [f"{change}: training {est.training_peak / GIB:.1f} GiB, generation eval "
-                f"{est.generation_peak / GIB:.1f} GiB ({'fits' if fits(est, self.device_gib) else 'still over'})"
-                for change, est in self.options]
-
-
-def plan(cfg, shape: Shape, world: int, work: Workload, gpu: bool = True,
-         four_bit: Shape | None = None) -> MemoryPlan:
-    """The launcher (for `deepspeed=auto`) and the verdict; when it does not fit, the changes that would
-    (or, when none does alone, the three that come closest). `four_bit`: the same run with 4-bit base
-    weights, offered as a way out of a bf16 plan."""
-    device = device_gib(cfg)
-    candidates, why = deepspeed_candidates(cfg, world, gpu)
-    # the launcher first (a faster training step matters more than a larger generation batch), then the
-    # largest generation batch it fits (gen_eval_batch_size=0)
-    batches = AUTO_GEN_BATCHES if work.gen_batch and work.gen_batch_auto else (work.gen_batch,)
-    scored = [(ds, replace(work, gen_batch=batch)) for ds in candidates for batch in batches]
-    scored = [(ds, w, run_estimate(shape, ds, world, w, gpu)) for ds, w in scored]
-    chosen = next(((ds, w, est) for ds, w, est in scored if fits(est, device)),
-                  min(scored, key=lambda item: max(item[2].training_peak, item[2].generation_peak)))
-    work = chosen[1]
-    result = MemoryPlan(chosen[0], why, chosen[2], device, fits(chosen[2], device), gen_batch=work.gen_batch,
-                        gen_batch_auto=work.gen_batch_auto)
-    if not result.fits:
-        options = list(alternatives(shape, chosen[0], world, work, gpu, four_bit))
-        result.options = [(change, est) for change, est in options if fits(est, device)] or sorted(
-            options, key=lambda pair: max(pair[1].training_peak, pair[1].generation_peak))[:3]
-    return result
-
-
-def alternatives(shape: Shape, deepspeed: str, world: int, work: Workload, gpu: bool, four_bit: Shape | None):
-    """(change, estimate) for the usual ways out, each alone: the other ZeRO-2 placement, the largest
-    generation batch that fits, shorter rows, 4-bit base weights."""
-    if shape.lora_params and world > 1:
-        for ds, change in ((str(ZERO2_ON_GPU), f"--deepspeed {ZERO2_ON_GPU.relative_to(REPO)}"),
-                           (str(ZERO2_OFFLOAD), f"--deepspeed {ZERO2_OFFLOAD.relative_to(REPO)}")):
-            if ds != deepspeed:
-                yield change, run_estimate(shape, ds, world, work, gpu)
-    batch = work.gen_batch // 2
-    while batch >= 1:
-        est = run_estimate(shape, deepspeed, world, Workload(**{**vars(work), "gen_batch": batch}), gpu)
-        if est.generation_peak <= est.training_peak or batch == 1:  # smaller batches gain nothing more
-            yield f"gen_eval_batch_size={batch}", est
-            break
-        batch //= 2
-    if work.tokens > 512:
-        yield (f"max_length={work.tokens // 2} (micro-batch tokens halved)",
-               run_estimate(shape, deepspeed, world, Workload(**{**vars(work), "tokens": work.tokens // 2}), gpu))
-    if four_bit is not None:
-        yield "--mode two-stage or load_in_4bit=true (4-bit NF4 base weights, DDP)", \
-            run_estimate(four_bit, "", world, work, gpu)

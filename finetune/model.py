@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from core.distributed import local_rank, world_size
-from finetune.config import SDPA_VARLEN, TINY_MODELS, ConfigError, FinetuneConfig
+from finetune.config import ConfigError
+from finetune.config_schema import SDPA_VARLEN, TINY_MODELS, FinetuneConfig
 from finetune.lora import TargetPlan
 
 # config.json of models this repository knows, named after the model (the last part of its hub id):

@@ -1,6 +1,7 @@
-"""The run across nodes: the launch table (nodes x ranks, hosts, devices) that the run summary and MLflow
-record, the output folder checked to be one folder for every node, and a resume held to the launch that
-wrote its checkpoints. Rank roles: core/distributed.py."""
+"""The run across processes and nodes: the process group (created before the trainer), the launch table
+(nodes x ranks, hosts, devices) that the run summary and MLflow record, the output folder checked to be
+one folder for every node, and a resume held to the launch that wrote its checkpoints. Rank roles:
+core/distributed.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 import secrets
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.distributed import is_rank_zero, local_rank, node_rank, nodes, rank, world_size
 from core.errors import ConfigError
 from core.records import atomic_write_text
+
+if TYPE_CHECKING:
+    from finetune.config_schema import FinetuneConfig
 
 LAUNCH_FILE = "launch.json"  # in a stage's folder: the launch that trained it
 
@@ -106,3 +111,41 @@ def check_resume_launch(stage_folder: Path, checkpoint: Path) -> None:
             f"(world size {before.get('world_size')}), this launch has world size {world_size()} "
             f"({nodes()} node(s)): resume with the same number of ranks (torchrun --nnodes / --nproc_per_node), "
             "or start over with --overwrite")
+
+
+def init_distributed(cfg: FinetuneConfig) -> None:
+    """The process group, created here (before the trainer) so rank 0 can write shared files while the
+    others wait. accelerate then keeps it as it is, so the timeout and the device are given here: NCCL's
+    own 10-minute default would end the run while rank 0 tokenises a large set alone."""
+    if world_size() <= 1:
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    kwargs = {"timeout": datetime.timedelta(seconds=cfg.ddp_timeout)}
+    if torch.cuda.is_available():
+        from finetune.model import local_gpu
+
+        device = torch.device("cuda", local_gpu())
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device  # binds the communicator to this rank's GPU: no guessing, no hang
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+
+
+def empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def wait_for_rank_zero() -> None:
+    """Other ranks wait while rank 0 writes shared files (tiny data, cleared folders)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -134,24 +134,29 @@ class GeneralPlan:
     report: dict
 
 
-def plan_general(rehearsal_data: str, ratio: float, general_eval_file: str, eval_samples: int,
-                 n_task: int, seed: int) -> GeneralPlan | None:
+def plan_general(rehearsal_data: str | GeneralData, ratio: float, general_eval_file: str | GeneralData,
+                 eval_samples: int, n_task: int, seed: int) -> GeneralPlan | None:
+    """Each source a path ("" for none) or the file already read (the run reads each once, at its check)."""
     if not rehearsal_data and not general_eval_file:
         return None
-    data = load_general(rehearsal_data) if rehearsal_data else None
+    data = _read(rehearsal_data)
     pool, heldout, heldout_kind = (data.items if data else []), [], "text"
     if general_eval_file:
-        general = load_general(general_eval_file)
+        general = _read(general_eval_file)
         heldout, heldout_kind = general.items[:eval_samples], general.kind
     elif data is not None:
         pool, heldout = split_heldout(data, eval_samples, seed)
         heldout_kind = data.kind
     wanted = rehearsal_count(n_task, ratio)
     examples = draw(pool, wanted, seed)
-    report = {"file": rehearsal_data or None, "kind": data.kind if data else None, "ratio": ratio,
+    report = {"file": data.path if data else None, "kind": data.kind if data else None, "ratio": ratio,
               "examples": len(examples), "task_examples": n_task,
               "share": round(len(examples) / max(n_task + len(examples), 1), 4),
               "pool": len(pool), "passes_over_pool": round(len(examples) / len(pool), 2) if pool else 0,
               "skipped_empty_documents": data.skipped_empty if data else 0,
-              "heldout_file": general_eval_file or rehearsal_data, "heldout_examples": len(heldout)}
+              "heldout_file": general.path if general_eval_file else data.path, "heldout_examples": len(heldout)}
     return GeneralPlan(data.kind if data else "text", examples, heldout_kind, heldout, report)
+
+
+def _read(source: str | GeneralData) -> GeneralData | None:
+    return source if isinstance(source, GeneralData) or not source else load_general(source)

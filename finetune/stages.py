@@ -15,7 +15,8 @@ from pathlib import Path
 
 from core.distributed import is_rank_zero, world_size
 from finetune import config as config_mod
-from finetune.config import SDPA_VARLEN, ConfigError, FinetuneConfig
+from finetune.config import ConfigError
+from finetune.config_schema import SDPA_VARLEN, FinetuneConfig
 from finetune.nodes import check_resume_launch
 
 MARKER = "COMPLETE"

@@ -14,8 +14,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, gold_answer_lengths, prompt_lengths
+from finetune.data import gen_eval_records, load_split
 from finetune.memory import Shape
 from finetune.quant_experts import NF4_BYTES_PER_WEIGHT
+from finetune.stages import stages_for
 
 # Memory traffic of one forward's fold per expert weight, bf16: baddbmm(W, B, A) reads W and writes
 # W + s·BA (4 bytes), and PEFT's ParamWrapper on a fused expert parameter runs it twice (nested wrappers:
@@ -240,3 +243,48 @@ def time_plan(shape: Shape, rates: Rates, *, step_tokens: int, micro_tokens: int
         batches = math.ceil(math.ceil(loss_examples / world) / loss_batch)
         cost.loss_s = batches * prefill_seconds(shape, rates, loss_batch, loss_tokens, rank) if loss_tokens else 0.0
     return TimePlan(rates, steps, step_s, evaluations(steps, eval_steps) if cost else 0, cost, examples_per_step)
+
+
+# --- the dry run's time plans, per stage ------------------------------------------------------------
+
+def stage_steps(cfg, stage, report: dict, world: int) -> int:
+    """Optimizer steps of a stage from its measured lengths and, packed, the examples a row holds."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = world * cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    packed = cfg.packing and report["examples_per_row"]  # an empty file has no rows to pack
+    rows = report["examples"] / report["examples_per_row"] if packed else report["examples"]
+    return max(1, math.ceil(rows * stage.num_epochs / per_step))
+
+
+def time_plans(cfg, shape, rank: int, world: int, tokenizer, data: dict,
+               gen_batch: int) -> dict[str, TimePlan]:
+    """Each stage's time on the GPU the run will use (the default's rates without one): training from the
+    measured lengths, the generation eval on the records it will score."""
+    import torch
+
+    rates = gpu_rates(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    records = gen_eval_records(cfg) if tokenizer is not None else None
+    prompts = prompt_lengths(records, tokenizer) if records else []
+    answers = gold_answer_lengths(records, tokenizer) if records else []
+    budget = max(answers) + ANSWER_MARGIN_TOKENS if answers else 0
+    evaluated = load_split(cfg.eval_file, cfg.eval_max_samples, cfg.seed) if records else []
+    eval_examples = len(evaluated)
+    # eval_loss runs the full chats: a prompt and its answer
+    eval_mean = (sum(prompts) + sum(answers)) / len(prompts) if prompts else 0
+    plans = {}
+    for stage in stages_for(cfg):
+        report = data.get(stage.name)
+        if not report or "tokens_mean" not in report or not report["examples"]:
+            continue
+        mean = min(report["tokens_mean"], cfg.max_length)
+        micro = cfg.micro_batch_size * (cfg.max_length if cfg.packing else mean)
+        plans[stage.name] = time_plan(
+            shape, rates, step_tokens=round(micro * cfg.gradient_accumulation_steps), micro_tokens=round(micro),
+            steps=stage_steps(cfg, stage, report, world), eval_steps=cfg.eval_steps, context=mean / 2, rank=rank,
+            checkpointing=cfg.gradient_checkpointing, prompts=prompts, answers=answers,
+            gen_batch=gen_batch, world=world, budget=budget,
+            loss_examples=eval_examples, loss_batch=cfg.eval_batch_size, loss_tokens=round(eval_mean),
+            examples_per_step=world * cfg.micro_batch_size * cfg.gradient_accumulation_steps
+            * (report["examples_per_row"] if cfg.packing else 1))
+    return plans

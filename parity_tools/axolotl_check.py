@@ -16,7 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import EXPERT_TARGETS, deepspeed_problems
+from finetune.config import deepspeed_problems
+from finetune.config_schema import EXPERT_TARGETS
 from finetune.model import resolve_model_path, shipped_model_config
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import ATTENTION_TARGETS, DENSE_MLP_TARGETS
+from finetune.config_schema import ATTENTION_TARGETS, DENSE_MLP_TARGETS
 from parity_tools.axolotl_env import REPO
 
 AXOLOTL_TINY = REPO / "axolotl_configs" / "tiny_cpu.yml"

@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from core.records import DataError
-from finetune.config import PRESETS, TINY_MODELS
+from finetune.config_schema import TINY_MODELS
+from finetune.presets import PRESETS
 from parity_tools import compare as cmp
 from parity_tools.axolotl_env import REPO, axolotl_env, axolotl_python
 from parity_tools.axolotl_tiny import AXOLOTL_TINY, axolotl_model_changes, tiny_axolotl_training_config
@@ -127,14 +128,18 @@ def run_axolotl_pair(out: Path, model: str, max_steps: int, eval_samples: int,
 AXOLOTL_PAIR_TOLERANCE = 0.05
 
 
+def legacy_command(out: Path, model: str, max_steps: int, max_train_samples: int, *overrides: str) -> list[str]:
+    """qwen_finetune_legacy.py on a tiny model into `out`: the frozen recipe, training only (the pair
+    evaluates afterwards), every step's loss logged. tests/legacy_reference.py runs the same command."""
+    return [sys.executable, "qwen_finetune_legacy.py", "--preset", "tiny", "--backend", "hf", "--overwrite",
+            "gen_eval=false", "logging_steps=1", f"model_name={model}", "eval_steps=100000", "save_steps=100000",
+            f"max_train_samples={max_train_samples}", *ours_args(max_steps), f"output_dir={out}", *overrides]
+
+
 def run_legacy_pair(out: Path, model: str, max_steps: int, eval_samples: int, max_train_samples: int) -> dict:
     py = sys.executable
-    common = ["--preset", "tiny", "--backend", "hf", "--overwrite", "gen_eval=false", "logging_steps=1",
-              f"model_name={model}",
-              "eval_steps=100000", "save_steps=100000", f"max_train_samples={max_train_samples}",
-              *ours_args(max_steps)]
-    times = {"legacy": step("train qwen_finetune_legacy.py", [py, "qwen_finetune_legacy.py", *common,
-                                                               f"output_dir={out / 'legacy'}"], out / "train_legacy.log")}
+    times = {"legacy": step("train qwen_finetune_legacy.py",
+                            legacy_command(out / "legacy", model, max_steps, max_train_samples), out / "train_legacy.log")}
     # The new script, given exactly the legacy run's configuration.
     times["two-stage"] = step("train qwen_finetune.py --mode two-stage",
                               [py, "qwen_finetune.py", "--config", str(out / "legacy" / "stage1" / "config.yaml"),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.records import DataError
-from finetune.config import TINY_MODELS
+from finetune.config_schema import TINY_MODELS
 from parity_tools.axolotl_env import axolotl_env, axolotl_python
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def offline_model_folder(model_name: str) -> tuple[str | None, str]:
 
     from core import qwen3_tokenizer
     from finetune.model import shipped_model_config
-    from finetune.preflight import hub_reachable
+    from finetune.model_source import hub_reachable
 
     if model_name in TINY_MODELS or Path(model_name).is_dir():
         return None, ""

@@ -12,6 +12,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on two workers (pyproject.toml): one torch thread in each worker and in every process a
+    # test starts, so the two share the cores instead of contending for them (two 2-thread processes on
+    # 2 cores ran tests/test_multinode.py 2.4x slower than two 1-thread ones).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """Two workers, each given whole files (their module fixtures stay in one process): while one process
+    imports or waits, the other computes. None for the GPU tests (`-m gpu`: they share one device)."""
+    if "gpu" in (config.getoption("markexpr") or ""):
+        return 0
+    return min(2, os.cpu_count() or 1)
+
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a repository command as a user would, in a fresh interpreter (`env`: variables to add)."""

@@ -2,7 +2,9 @@
 patches transformers at import), on the backend's own model loader and LoRA, through the trainer's own
 dataset step, collator and loss:
 
-    python -m tests.packing_check BACKEND MODEL [ATTENTION [DTYPE]]   # one JSON line; tests call run()
+    python tests/packing_check.py BACKEND MODEL[:ATTENTION[:DTYPE]] ...   # one result line per variant
+
+Every variant of a backend runs in the one process (tests call run() or run_variants()).
 
 - per-token loss: every example of the trainer's first packed batch, forwarded alone, gives the same
   cross-entropy at every trained token as inside its packed row (no attention across the boundary,
@@ -25,14 +27,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str, timeout: int = 600) -> dict:
-    """The check in a fresh interpreter (Unsloth patches at import); its JSON result, with what it printed
-    before (`printed`)."""
-    done = subprocess.run([sys.executable, str(Path(__file__)), *args], cwd=REPO, text=True, capture_output=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+RESULT = "packing-check result: "
+
+
+def run(backend: str, model: str, attention: str = "auto", dtype: str = "float32", timeout: int = 600) -> dict:
+    return run_variants(backend, [(model, attention, dtype)], timeout)[0]
+
+
+def run_variants(backend: str, variants: list[tuple[str, ...]], timeout: int = 900) -> list[dict]:
+    """The check of each (model, attention[, dtype]) in one fresh interpreter (Unsloth patches at import, for
+    the whole process): their results in order, each with everything else the process printed (`printed`)."""
+    done = subprocess.run([sys.executable, str(Path(__file__)), backend, *(":".join(v) for v in variants)],
+                          cwd=REPO, text=True, capture_output=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
-    *printed, result = done.stdout.strip().splitlines()
-    return {**json.loads(result), "printed": "\n".join(printed)}
+    lines = done.stdout.strip().splitlines()
+    printed = "\n".join(line for line in lines if not line.startswith(RESULT))
+    return [{**json.loads(line.removeprefix(RESULT)), "printed": printed} for line in lines if line.startswith(RESULT)]
 
 
 def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "float32") -> dict:
@@ -140,4 +151,5 @@ def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "f
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:])))
+    for variant in sys.argv[2:]:
+        print(RESULT + json.dumps(main(sys.argv[1], *variant.split(":"))), flush=True)

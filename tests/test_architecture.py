@@ -102,3 +102,43 @@ def test_the_check_names_each_wrong_arrow(tmp_path):
         "core/x.py:1: core imports data_tools.synth (allowed: nothing)",
         "finetune/m.py:1: finetune imports tiny.build",
         "tiny/t.py:1: imports the script parity.py (nothing imports the scripts)"]
+
+
+# Inside finetune/: module -> the finetune modules that may import it. The recipe is entered once, from the
+# command line; the dry run is reached from the recipe's dry-run branch only, so the real run depends on no
+# part of it; the schema and the presets are data every module may read.
+FINETUNE_IMPORTED_ONLY_BY = {"finetune.pipeline": {"finetune.cli"}, "finetune.preflight": {"finetune.pipeline"}}
+FINETUNE_LEAVES = {"finetune.config_schema", "finetune.presets", "finetune.memory"}  # import no finetune module
+
+
+def wrong_finetune_imports(root: Path) -> list[str]:
+    wrong = []
+    for path in sorted((root / "finetune").glob("*.py")):
+        module = f"finetune.{path.stem}"
+        for line, names in imports(path):
+            target = next((n for n in names if n in FINETUNE_IMPORTED_ONLY_BY or n.startswith("finetune.")), None)
+            if target is None or target == module:
+                continue
+            if module in FINETUNE_LEAVES and target.startswith("finetune"):
+                wrong.append(f"finetune/{path.name}:{line}: {module} is a leaf and imports {target}")
+            allowed = FINETUNE_IMPORTED_ONLY_BY.get(target)
+            if allowed is not None and module not in allowed:
+                wrong.append(f"finetune/{path.name}:{line}: {module} imports {target} "
+                             f"(only {', '.join(sorted(allowed))} may)")
+    return wrong
+
+
+def test_inside_the_trainer_the_recipe_and_the_dry_run_are_entered_once():
+    wrong = wrong_finetune_imports(REPO)
+    assert not wrong, "imports against ARCHITECTURE.md (inside finetune/):\n" + "\n".join(wrong)
+
+
+def test_the_finetune_check_names_each_wrong_arrow(tmp_path):
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "checks.py").write_text("def f():\n    from finetune.preflight import plan\n")
+    (tmp_path / "finetune" / "presets.py").write_text("from finetune.config import resolve\n")
+    (tmp_path / "finetune" / "data.py").write_text("from finetune import pipeline\n")
+    assert wrong_finetune_imports(tmp_path) == [
+        "finetune/checks.py:2: finetune.checks imports finetune.preflight (only finetune.pipeline may)",
+        "finetune/data.py:1: finetune.data imports finetune.pipeline (only finetune.cli may)",
+        "finetune/presets.py:1: finetune.presets is a leaf and imports finetune.config"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from test_trainer import REPO, ok, summary, train
+from test_trainer import REPO, assert_generation_eval_gathered, ok, summary, train
 
 if not torch.cuda.is_available():
     pytest.skip("needs an NVIDIA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
@@ -43,14 +43,19 @@ def moe_dir(tmp_path_factory):
     return path
 
 
-def assert_trains_and_evaluates(out, steps=(2, 4, 6)) -> dict:
+def assert_trains_and_evaluates(out, cwd, steps=(2, 4, 6)) -> dict:
+    """Every step logged a finite loss; the eval loss on the same records fell from the first evaluation to
+    the last (the tiny preset's learning rate, 4e-3, on random weights); each generation eval covered every
+    record once and its metrics are the metric implementation's own for the predictions it wrote."""
     s = summary(out)
+    stage = out / "single"
     assert s["global_step"] == steps[-1] and [step for step, _ in s["train_losses"]] == list(range(1, steps[-1] + 1))
-    losses = [loss for _, loss in s["train_losses"]]
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
-    assert "gen_json_parse_rate" in s["metrics"]
-    for step in steps:  # mid-run and at the end, every record generated (gathered from every rank)
-        assert json.loads((out / "single" / f"gen_metrics_step{step}.json").read_text())["gen_num_examples"] == 8
+    assert all(math.isfinite(loss) for _, loss in s["train_losses"]), s["train_losses"]
+    state = json.loads((stage / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
+    eval_losses = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    assert list(eval_losses) == list(steps) and eval_losses[steps[-1]] < eval_losses[steps[0]], eval_losses
+    for step in steps:  # mid-run and at the end, gathered from every rank
+        assert_generation_eval_gathered(stage, step, 8, cwd)
     return s
 
 
@@ -73,23 +78,30 @@ def assert_adapter_only(stage, trainable: int) -> None:
 @pytest.mark.parametrize("precision", PRECISION)
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
 def test_moe_trains_evaluates_checkpoints_and_resumes(moe_dir, tmp_path, backend, precision):
-    """Run 1 stops itself (SIGTERM to its own process group, made its own by setsid) when step 5 ends,
-    after checkpoint-4; run 2 `--resume`s from checkpoint-4 and trains steps 5 and 6 only."""
+    """Run 1 stops itself (SIGTERM to its own process group, made its own by setsid) when step 6 ends, after
+    checkpoint-4 and step 5's logged loss; run 2 `--resume`s from checkpoint-4 and trains steps 5 and 6 only,
+    step 5 from the same weights, optimizer state and batch as run 1: the same loss, up to GPU rounding."""
     args = ["--backend", backend, f"model_name={moe_dir}", "output_dir=out", *RUN, PRECISION[precision]]
     stage = tmp_path / "out" / "single"
-    first = train(*args, "extra_callbacks=trainer_hooks.KillProcessAt,trainer_hooks.RecordTrainingState",
-                  cwd=tmp_path, launcher=["setsid", "-w", sys.executable], env={"KILL_AT_STEP": "5", "KILL_PGID": "0"})
+    hooks = "extra_callbacks=trainer_hooks.RecordTrainingState,trainer_hooks.RecordLosses"
+    first = train(*args, hooks.replace("=", "=trainer_hooks.KillProcessAt,"), cwd=tmp_path,
+                  launcher=["setsid", "-w", sys.executable], env={"KILL_AT_STEP": "6", "KILL_PGID": "0"})
     assert first.returncode == -signal.SIGTERM, first.stdout[-3000:] + first.stderr[-3000:]
-    assert (stage / "checkpoint-4" / "trainer_state.json").is_file() and not (stage / "COMPLETE").exists()
+    assert (stage / "checkpoint-4" / "trainer_state.json").is_file() and not (stage / "checkpoint-6").exists()
+    assert not (stage / "COMPLETE").exists()
+    killed = {r["step"]: r["loss"] for r in map(json.loads, (stage / "losses_seen.jsonl").open())}
+    assert sorted(killed) == [1, 2, 3, 4, 5]
 
-    resumed = ok(train(*args, "extra_callbacks=trainer_hooks.RecordTrainingState", "--resume", cwd=tmp_path))
+    resumed = ok(train(*args, hooks, "--resume", cwd=tmp_path))
     assert any("resuming from" in line and line.endswith("checkpoint-4") for line in resumed.stdout.splitlines())
-    s = assert_trains_and_evaluates(tmp_path / "out")
+    s = assert_trains_and_evaluates(tmp_path / "out", tmp_path)
+    assert dict(s["train_losses"])[5] == pytest.approx(killed[5], rel=2e-2), (s["train_losses"], killed)
+    assert dict(s["train_losses"])[4] == killed[4]  # from checkpoint-4's log history
     assert s["backend"] == backend
-    # one row per finished step across both processes: 1-4 before the kill, 5 and 6 after the resume; the
-    # generation evals (Unsloth's switch to inference and back) left training as it was
+    # one row per finished step across both processes: 1-5 before the kill (step 6 ends in it), 5 and 6
+    # after the resume; the generation evals (Unsloth's switch to inference and back) left training as it was
     rows = [json.loads(line) for line in (stage / "training_state.jsonl").open()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5, 6]
     assert all({k: v for k, v in r.items() if k != "step"} == {k: v for k, v in rows[0].items() if k != "step"}
                for r in rows)
     storage = s["weight_storage_bytes"]
@@ -129,7 +141,7 @@ def test_torchrun_one_gpu_deepspeed_zero2_saves_and_resumes(moe_dir, tmp_path, z
     assert any((tmp_path / "out" / "single" / "checkpoint-4").glob("global_step*"))  # a DeepSpeed checkpoint
     resumed = ok(train(*args, "--resume", cwd=tmp_path, launcher=torchrun))
     assert any("resuming from" in line and line.endswith("checkpoint-4") for line in resumed.stdout.splitlines())
-    s = assert_trains_and_evaluates(tmp_path / "out")
+    s = assert_trains_and_evaluates(tmp_path / "out", tmp_path)
     assert s["world_size"] == 1
 
 
@@ -141,7 +153,7 @@ def test_torchrun_two_gpus_deepspeed_zero2(moe_dir, tmp_path):
     ok(train(f"model_name={moe_dir}", "output_dir=out", *RUN, "load_in_4bit=false",
              "--deepspeed", str(REPO / "deepspeed_configs" / "zero2.json"), cwd=tmp_path,
              launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]))
-    s = assert_trains_and_evaluates(tmp_path / "out")
+    s = assert_trains_and_evaluates(tmp_path / "out", tmp_path)
     assert s["world_size"] == 2
     assert_adapter_only(tmp_path / "out" / "single", s["trainable_parameters"]["trainable"])
 

@@ -1,4 +1,4 @@
-"""The memory plan (finetune/memory.py): its arithmetic on round numbers, the launcher `deepspeed=auto`
+"""The memory plan (finetune/memory.py, finetune/memory_plan.py): its arithmetic on round numbers, the launcher `deepspeed=auto`
 chooses, the verdict and its ways out, the real run's refusal before loading, and its prediction against
 tensor-level measurements of a narrow MoE on this CPU (bench/memory.py, the same comparison the real-width
 bench makes)."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from finetune.config import ConfigError, resolve
-from finetune.memory import (GIB, ZERO2_OFFLOAD, ZERO2_ON_GPU, Launcher, Shape, Workload, deepspeed_candidates,
-                             estimate, launcher_of, plan, resident)
+from finetune.memory import GIB, ZERO2_OFFLOAD, ZERO2_ON_GPU, Launcher, Shape, estimate, launcher_of, resident
+from finetune.memory_plan import Workload, deepspeed_candidates, plan
 
 REPO = Path(__file__).resolve().parent.parent
 P = GIB  # trainable parameters: each byte per parameter is then 1 GiB
@@ -122,7 +122,7 @@ def test_the_users_command_fits_an_80gb_card_and_a_40gb_one_gets_the_ways_out(tm
 def test_a_gpu_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch):
     import torch
 
-    from finetune import pipeline
+    from finetune import checks
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -132,17 +132,17 @@ def test_a_gpu_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch)
     cfg = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "80", "backend": "hf"}, {}, None,
                   dry_run=True)
     assert cfg.gen_eval_batch_size == 0  # the preset's auto
-    pipeline.check_memory(cfg)  # fits: auto becomes the ZeRO-2 file the plan chose
+    checks.check_memory(cfg)  # fits: auto becomes the ZeRO-2 file the plan chose
     assert cfg.deepspeed == str(ZERO2_ON_GPU)
     # and the generation batch the largest that fits: prompts bounded by max_length without an eval set
     assert cfg.gen_eval_batch_size == 16
     small = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "40", "backend": "hf"}, {}, None,
                     dry_run=True)
     with pytest.raises(ConfigError) as e:
-        pipeline.check_memory(small)
+        checks.check_memory(small)
     assert "would not fit the GPU" in str(e.value) and "--mode two-stage" in str(e.value)
     assert "check_memory=false" in str(e.value)
-    pipeline.check_memory(replace(small, check_memory=False))  # the explicit override runs it anyway
+    checks.check_memory(replace(small, check_memory=False))  # the explicit override runs it anyway
 
 
 def test_prediction_matches_tensor_measurement_of_a_narrow_moe(tmp_path):
@@ -168,7 +168,7 @@ def test_prediction_matches_tensor_measurement_of_a_narrow_moe(tmp_path):
 
 
 def test_a_resumed_stage_keeps_the_launcher_its_checkpoint_was_saved_with(tmp_path):
-    from finetune.pipeline import resumed_launcher
+    from finetune.checks import resumed_launcher
     from finetune.stages import stages_for
 
     cfg = resolve("single", "qwen3-30b-a3b", None, {"output_dir": str(tmp_path / "out")}, {}, None, dry_run=True)
@@ -182,7 +182,7 @@ def test_a_resumed_stage_keeps_the_launcher_its_checkpoint_was_saved_with(tmp_pa
 
 
 def test_auto_generation_batch_is_the_largest_that_fits_after_the_launcher_and_16_on_a_cpu(monkeypatch):
-    from finetune import pipeline
+    from finetune import checks
 
     moe = replace(SHAPE, layers=48, hidden=2048, kv_heads=4, experts=128, top_k=8, expert_width=768,
                   base_bytes=57 * GIB, lora_params=642_514_944)
@@ -197,4 +197,4 @@ def test_auto_generation_batch_is_the_largest_that_fits_after_the_launcher_and_1
                                      gen_batch_auto=False)).gen_batch == 32  # a batch set by the user is kept
     assert chosen.report()["gen_eval_batch_size"] == 64 and chosen.report()["gen_eval_batch_size_auto"]
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert pipeline.check_memory(cfg) is None and cfg.gen_eval_batch_size == 16
+    assert checks.check_memory(cfg) is None and cfg.gen_eval_batch_size == 16

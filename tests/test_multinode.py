@@ -25,8 +25,10 @@ ARGS = ["--mode", "single", "--backend", "hf", "max_train_samples=48", "max_step
 def start_nodes(logs: Path, cwds: list[Path], args: list[str], env: dict | None = None) -> list[subprocess.Popen]:
     """One torchrun agent per "node", each in its own session (so a node can be killed as a whole)."""
     port = free_port()
+    # one torch thread per process, as torchrun sets it for several ranks on one node: two "nodes" of two
+    # threads each on a 2-core machine would spend their time contending
     full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "HOLD_AT_STEP": "-1",
-                "HOLD_NODE": "-1", "HOLD_FILE": str(logs / "held"), **(env or {})}
+                "HOLD_NODE": "-1", "HOLD_FILE": str(logs / "held"), "OMP_NUM_THREADS": "1", **(env or {})}
     agents = []
     for node, cwd in enumerate(cwds):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",

@@ -6,13 +6,28 @@ TRL's dataset step, so the tokens it trains on must be the ones TRL would have m
 
 import pytest
 
-from packing_check import run as packing_check
+from packing_check import run_variants
+
+VARIANTS = [("hf", "tiny-moe", "auto"), ("unsloth", "tiny-moe", "auto"), ("hf", "tiny-dense", "auto"),
+            ("unsloth", "tiny-dense", "auto"), ("unsloth", "tiny-moe", "sdpa")]
 
 
-@pytest.mark.parametrize("backend,model,attention", [
-    ("hf", "tiny-moe", "auto"), ("unsloth", "tiny-moe", "auto"), ("hf", "tiny-dense", "auto"),
-    ("unsloth", "tiny-dense", "auto"), ("unsloth", "tiny-moe", "sdpa")])
-def test_a_packed_batch_is_the_same_computation_as_its_examples_alone(backend, model, attention):
+@pytest.fixture(scope="module")
+def packing_check():
+    """The check of one variant; every variant of a backend computed in one process, on first use."""
+    found = {}
+
+    def check(backend, model, attention):
+        if backend not in found:
+            mine = [(m, a) for b, m, a in VARIANTS if b == backend]
+            found[backend] = dict(zip(mine, run_variants(backend, mine)))
+        return found[backend][(model, attention)]
+
+    return check
+
+
+@pytest.mark.parametrize("backend,model,attention", VARIANTS)
+def test_a_packed_batch_is_the_same_computation_as_its_examples_alone(packing_check, backend, model, attention):
     r = packing_check(backend, model, attention)
     assert r["backend"] == backend and r["model"] == model
     assert r["packed_report"]["rows"] < r["plain_report"]["rows"] == 16  # it did pack

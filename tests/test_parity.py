@@ -1,21 +1,17 @@
 """The parity harness: token parity, compare's verdicts, and the two pairs end to end."""
 
-import hashlib
 import json
-import math
-import os
 import re
 
 import pytest
 
+import legacy_reference
 from callbacks.generation_eval import score
 from conftest import REPO, run_cli
 from core.records import DataError
 from data_tools import synth
 from parity_tools import compare as cmp
-from tiny import model_dir
-
-LEGACY_REFERENCE = REPO / "tests" / "reference" / "legacy_tiny_moe_losses.json"
+from qwen_finetune_legacy import FROZEN
 
 
 def metrics_of(records, predictions):
@@ -126,7 +122,7 @@ def test_compare_errors_are_readable(tmp_path, val_records):
 
 
 # ---------------------------------------------------------------- token parity
-# Both stacks train identical tokens on the tiny preset: the README's `parity.py tokens -n 50`, run as written
+# Both stacks train identical tokens on the tiny preset: docs/parity.md's `parity.py tokens -n 50`, run as written
 # by tests/test_readme_commands.py.
 def test_tokens_shows_the_first_difference_aligned(tmp_path):
     # Axolotl without training the end-of-turn token: the masks must differ at <|im_end|>.
@@ -211,14 +207,16 @@ def test_run_axolotl_pair_both_learn_and_agree(tmp_path, axolotl_ready):
         assert theirs[step] == pytest.approx(ours_losses[step], rel=1e-4), step
 
 
-def test_run_legacy_pair_has_identical_losses_and_metrics_and_the_committed_losses(tmp_path):
-    """The legacy restore path on the tiny MoE: its frozen recipe, the same losses and metrics as the new
-    two-stage path given its saved config, and the losses recorded earlier (tests/reference), so a change of
-    shared code that alters legacy behaviour fails here. Regenerate the reference on purpose only, after a
-    rebuild of the tiny models: QWEN_FINETUNE_UPDATE_REFERENCE=1 .venv/bin/python -m pytest -k legacy_pair"""
+def test_run_legacy_pair_holds_the_frozen_recipe_and_the_committed_run(tmp_path):
+    """The legacy restore path on the tiny MoE: every frozen setting as tests/reference/legacy_recipe.json
+    (written by hand) says; the same losses and metrics as the new two-stage path given its saved config;
+    and the losses and final adapter of tests/reference/legacy_tiny_moe_run.json (written by
+    `tests/legacy_reference.py update`, never here), so a change of the recipe or of shared code that
+    alters legacy training fails here. Six steps per stage, five of them at the frozen learning rates."""
     out = tmp_path / "legacy"
-    result = run_cli(str(REPO / "parity.py"), "run", "--pair", "legacy", "--out", str(out), "--max-steps", "2",
-                     "--max-train-samples", "32", "--eval-samples", "16", timeout=1800)
+    result = run_cli(str(REPO / "parity.py"), "run", "--pair", "legacy", "--out", str(out),
+                     "--max-steps", str(legacy_reference.STEPS), "--max-train-samples",
+                     str(legacy_reference.TRAIN_SAMPLES), "--eval-samples", "16", timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     outcome = json.loads((out / "parity_result.json").read_text())
     assert outcome["identical_losses"] is True
@@ -226,31 +224,15 @@ def test_run_legacy_pair_has_identical_losses_and_metrics_and_the_committed_loss
     assert {k: v for k, v in legacy.items() if k.startswith("gen_")} == \
         {k: v for k, v in new.items() if k.startswith("gen_")}
 
-    frozen = (out / "legacy" / "stage1" / "config.yaml").read_text()
-    assert "load_in_4bit: true" in frozen and "gradient_accumulation_steps: 16" in frozen
-    assert "stage1_learning_rate: 0.0002" in frozen and "stage2_learning_rate: 0.0001" in frozen
-    assert "model_name: tiny-moe" in frozen
-    summaries = {s: json.loads((out / "legacy" / s / "run_summary.json").read_text()) for s in ("stage1", "stage2")}
-    assert all(s["global_step"] == 2 and s["mode"] == "two-stage" for s in summaries.values())
-    observed = {"build": build_fingerprint(model_dir("tiny-moe")),
-                **{s: summaries[s]["train_losses"] for s in summaries}}
-    if os.environ.get("QWEN_FINETUNE_UPDATE_REFERENCE") == "1":
-        LEGACY_REFERENCE.parent.mkdir(exist_ok=True)
-        LEGACY_REFERENCE.write_text(json.dumps(observed, indent=2) + "\n")
-    reference = json.loads(LEGACY_REFERENCE.read_text())
-    assert reference["build"] == observed["build"], "the reference belongs to another tiny build: see the docstring"
+    recipe = {k: v for k, v in json.loads(legacy_reference.RECIPE.read_text()).items() if not k.startswith("_")}
+    assert set(FROZEN) == set(recipe)  # a setting frozen or unfrozen without the recipe file
     for stage in ("stage1", "stage2"):
-        for (step, loss), (ref_step, ref_loss) in zip(observed[stage], reference[stage], strict=True):
-            # bf16 compute on CPU: identical on one machine, a little different across CPUs/thread counts
-            assert step == ref_step and math.isclose(loss, ref_loss, rel_tol=5e-3), (stage, step, loss, ref_loss)
-
-
-def build_fingerprint(folder) -> str:
-    """The tiny build's identity: its weights and tokenizer, not just its recipe."""
-    h = hashlib.sha256()
-    for name in ("model.safetensors", "tokenizer.json"):
-        h.update((folder / name).read_bytes())
-    return h.hexdigest()[:16]
+        assert legacy_reference.recipe_differences(out / "legacy" / stage / "config.yaml", recipe) == []
+        summary = json.loads((out / "legacy" / stage / "run_summary.json").read_text())
+        assert summary["global_step"] == legacy_reference.STEPS and summary["mode"] == "two-stage"
+    observed = legacy_reference.observe(out / "legacy")
+    reference = json.loads(legacy_reference.REFERENCE.read_text())
+    assert legacy_reference.run_differences(observed, reference) == []
 
 
 def test_evaluate_explains_bad_paths_without_a_traceback(tmp_path):

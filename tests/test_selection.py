@@ -203,7 +203,7 @@ def test_a_metric_the_eval_set_cannot_report_stops_the_run_before_the_model_load
     source, or a shape the set lacks, would otherwise leave adapter/ at the last step without a word."""
     from callbacks.generation_eval import reported_metrics
     from data_tools.synth import generate
-    from finetune.pipeline import check_best_metric_reported
+    from finetune.checks import check_best_metric_reported
 
     records = [{**r, "source": kind} for kind in ("positive", "negative") for r in generate(0, "val", kind, 6)]
     reported = reported_metrics(records)

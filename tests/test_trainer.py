@@ -227,11 +227,43 @@ def test_target_that_matches_nothing_is_an_error(tmp_path):
     assert "gate_proj match nothing" in result.stderr and "lora_target_parameters" in result.stderr
 
 
-def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path):
-    """On the MoE, 4-bit experts included, with a generation eval mid-stage."""
+def assert_default_mlflow_store(out: Path) -> None:
+    """The parent and both stages share output_dir/mlflow.db (so the stages nest under the parent); the
+    spool and other per-stage files would stay in the stage folders."""
+    from mlflow.tracking import MlflowClient
+
+    from core.redact import REDACTED
+
+    assert (out / "mlflow.db").is_file()
+    assert not list(out.glob("*/mlflow.db")) and not list(out.glob("*/mlartifacts"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("qwen-finetune")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and parents[0].info.run_name == "out" and sorted(children) == ["stage1", "stage2"]
+    for name, run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.run_id == summary(out, name)["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert client.get_metric_history(run.info.run_id, "loss")
+    assert parents[0].info.status == "FINISHED"
+    assert not list(out.glob("*/mlflow_spool.jsonl"))  # every call reached the store: nothing went offline
+    # a param name MLflow rejects (the records without a source count as "(none)") is made valid
+    assert children["stage1"].data.params["data.sources._none_"] == "48"
+    params = children["stage2"].data.params
+    # a data key that only looks like a secret word is logged
+    assert params["data.token_lengths.max_length"] == "640" and params["config.lora_r"] == "16"
+    assert REDACTED not in json.dumps([r.data.params for r in runs])  # nothing secret in a plain run
+
+
+def test_two_stage_qlora_then_rerun_skips_completed_stages(tmp_path, monkeypatch):
+    """On the MoE, 4-bit experts included, with a generation eval mid-stage, logged to MLflow's default
+    store (no tracking URI anywhere)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = ("--mode", "two-stage", "--backend", "hf", "output_dir=out", *SMALL, "model_name=tiny-moe",
-            "eval_steps=2", "gen_eval_max_samples=4")
+            "eval_steps=2", "gen_eval_max_samples=4", "mlflow=true")
     first = ok(train(*args, cwd=tmp_path))
+    assert_default_mlflow_store(tmp_path / "out")
     s1, s2 = summary(tmp_path / "out", "stage1"), summary(tmp_path / "out", "stage2")
     assert s1["global_step"] == 3 and s2["global_step"] == 3
     for s, stage in ((s1, "stage1"), (s2, "stage2")):
@@ -337,6 +369,26 @@ def _abs_sum(folder: Path) -> float:
     return sum(float(t.double().abs().sum()) for t in _adapter_tensors(folder).values())
 
 
+def assert_generation_eval_gathered(stage: Path, step: int, n: int, cwd: Path) -> dict:
+    """The step's generation eval covered n distinct validation records (every rank's shard gathered, none
+    twice), and its metrics are what the one metric implementation gives for the predictions written beside
+    them, scored against the eval file's own records."""
+    from callbacks.generation_eval import score
+    from core.records import load_records
+
+    metrics = json.loads((stage / f"gen_metrics_step{step}.json").read_text())
+    rows = [json.loads(line) for line in (stage / f"gen_predictions_step{step}.jsonl").open(encoding="utf-8")]
+    assert len(rows) == n == metrics["gen_num_examples"] and len({r["id"] for r in rows}) == n
+    eval_file = yaml.safe_load((stage / "config.yaml").read_text(encoding="utf-8"))["eval_file"]
+    by_id = {r["id"]: r for r in load_records(str(cwd / eval_file))}
+    records = [by_id[r["id"]] for r in rows]
+    assert all(r["gold"] == record["output"] for r, record in zip(rows, records))
+    rescored = score(records, [{"prediction": r["prediction"], "truncated": r["truncated"]} for r in rows])
+    assert rescored == pytest.approx({k: v for k, v in metrics.items() if k in rescored}), step
+    assert set(rescored) <= set(metrics)
+    return metrics
+
+
 def test_torchrun_two_stage_moe_keeps_the_best_step_under_its_constraint(tmp_path):
     """The user's launch (torchrun, the MoE, packed rows, generation eval mid-run: each rank generates its
     shard, padded batches, the router aux loss on) in two stages whose late steps are wrecked by a huge
@@ -364,8 +416,7 @@ def test_torchrun_two_stage_moe_keeps_the_best_step_under_its_constraint(tmp_pat
         assert s["ddp_find_unused_parameters"] is False
         assert s["packing"]["packing"] and s["packing"]["rows"] < s["packing"]["examples"]
         assert s["router_aux_loss"]["on"] and [a[0] for a in s["router_aux_loss"]["aux_losses"]] == [1, 2, 3, 4, 5, 6]
-        metrics = {step: json.loads((out / f"gen_metrics_step{step}.json").read_text()) for step in (2, 4, 6)}
-        assert all(m["gen_num_examples"] == 6 for m in metrics.values())  # both ranks' shards gathered
+        metrics = {step: assert_generation_eval_gathered(out, step, 6, tmp_path) for step in (2, 4, 6)}
         # the rule, applied to the run's own metric files: constraint met, highest name F1, later on a tie
         met = [step for step, m in metrics.items() if m["gen_truncation_rate"] < 0.9]
         expected = max(met, key=lambda step: (metrics[step]["gen_offender_name_set_f1"], step)) if met else None

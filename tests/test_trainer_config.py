@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from finetune.cli import split_overrides
-from finetune.config import ConfigError, parse_overrides, resolve
+from finetune.config import ConfigError, parse_overrides, resolve, to_dict
+from finetune.config_schema import field_names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,11 +70,44 @@ def test_production_preset_matches_the_axolotl_plan(tmp_path, monkeypatch):
     (["packing=true", "group_by_length=true"], "packing and group_by_length both remove padding"),
     (["experts_implementation=fast"], "valid values: auto, eager, batched_mm, grouped_mm"),
     (["attn_implementation=flash_attention_2", "dtype=float32"], "computes in bfloat16/float16 only"),
+    (["learning_rate=0"], "'learning_rate' must be > 0, got 0.0"),
+    (["watchdog_step_s=0"], "'watchdog_step_s' must be > 0"),
+    (["max_train_samples=-5"], "'max_train_samples' must be >= 0"),
+    (["save_total_limit=0"], "'save_total_limit' must be at least 1"),
+    (["stage2_train_file=data/other.json"], "command line: 'stage2_train_file' is not used by --mode single, "
+                                            "which reads train_file instead"),
 ])
 def test_configuration_errors(items, message):
     with pytest.raises(ConfigError) as e:
         resolve_with(*items)
     assert message in str(e.value)
+
+
+def test_a_key_the_mode_never_reads_is_refused_unless_it_changes_nothing(tmp_path):
+    """two-stage trains each stage with its own rate, epochs and file: a learning_rate set for it would be
+    silently ignored. A value equal to what the layers below give changes nothing (a saved config.yaml of
+    the run, read back with --config, holds every key) and passes."""
+    with pytest.raises(ConfigError, match="'learning_rate' is not used by --mode two-stage, which reads "
+                                          "stage1_learning_rate and stage2_learning_rate instead"):
+        resolve_with("learning_rate=1e-4", mode="two-stage")
+    config = tmp_path / "c.yaml"
+    config.write_text("num_epochs: 3\n")
+    with pytest.raises(ConfigError, match=f"{config}: 'num_epochs' is not used by --mode two-stage"):
+        resolve_with(mode="two-stage", config_file=str(config))
+    saved = resolve_with(mode="two-stage")
+    config.write_text(yaml.safe_dump(to_dict(saved)))
+    assert resolve_with(mode="two-stage", config_file=str(config)) == saved
+
+
+def test_help_config_lists_every_key_with_type_default_and_description():
+    result = subprocess.run([sys.executable, str(REPO / "qwen_finetune.py"), "--help-config"], capture_output=True,
+                            text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert list(lines) == field_names()
+    assert lines["learning_rate"].split(None, 2)[:2] == ["float", "0.0002"]
+    assert "single mode's peak learning rate" in lines["learning_rate"]
+    assert all(len(rest.split()) >= 3 for rest in lines.values())  # type, default and some description
 
 
 def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkeypatch):
@@ -102,13 +137,7 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     assert attention_implementation(auto) == "sdpa_varlen" and attention_implementation(resolve_with()) == "sdpa"
     varlen = sft_config(auto, stages_for(resolve_with())[0], Path("o"))
     assert varlen.packing is True and varlen.padding_free is True
-    # Unsloth's own attention (its patched dense Qwen3 on a GPU) ignores the masks: flattened there too
-    patched = unsloth_patched_model("unsloth.models.qwen3")
-    assert sft_config(resolve_with("packing=true", "attn_implementation=sdpa"), stages_for(resolve_with())[0],
-                      Path("o"), model=patched).padding_free is True
-    assert flattens_packed_rows(resolve_with("packing=true", "attn_implementation=sdpa"),
-                                unsloth_patched_model("unsloth_compiled_module_qwen3_moe")) is False
-    assert flattens_packed_rows(resolve_with(), patched) is False  # nothing packed, nothing to flatten
+    # Unsloth's own attention on a GPU: test_unsloths_own_attention_gets_flattened_rows
     # the dry run, without the model, expects it from the model type: dense Qwen3 on Unsloth on a GPU
     from finetune import model as model_mod
 
@@ -130,17 +159,39 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     assert flash.packing is True and flash.padding_free is True
 
 
-def unsloth_patched_model(forward_module: str):
-    """A model whose attention class's forward comes from `forward_module`, as Unsloth's patches leave it."""
-    import torch
+UNSLOTH_PATCHED = """
+import json, sys
+import unsloth
+from unsloth.models.qwen3 import FastQwen3Model
+from unsloth_zoo.compiler import COMBINED_UNSLOTH_NAME
+FastQwen3Model.pre_patch()  # what Unsloth does to transformers' Qwen3 classes before loading dense Qwen3 on a GPU
+from transformers import AutoModelForCausalLM
+from finetune.config import resolve
+from finetune.stages import flattens_packed_rows
+from tiny import model_dir
+dense = AutoModelForCausalLM.from_pretrained(model_dir("tiny-dense"))
+moe = AutoModelForCausalLM.from_pretrained(model_dir("tiny-moe"))
+# on a GPU Unsloth compiles Qwen3-MoE's transformers modeling into a module of this name, masks and all
+attention = next(m for m in moe.modules() if type(m).__name__.endswith("Attention"))
+type(attention).forward.__module__ = COMBINED_UNSLOTH_NAME + "_qwen3_moe"
+packed = resolve("single", "tiny", None, {"packing": True, "attn_implementation": "sdpa"}, {}, None)
+plain = resolve("single", "tiny", None, {"attn_implementation": "sdpa"}, {}, None)
+print(json.dumps({"dense": flattens_packed_rows(packed, dense), "compiled_moe": flattens_packed_rows(packed, moe),
+                  "not_packed": flattens_packed_rows(plain, dense)}))
+"""
 
-    def forward(self, hidden_states):
-        return hidden_states
 
-    forward.__module__ = forward_module
-    attention = type("Qwen3Attention", (torch.nn.Module,), {"forward": forward})()
-    attention.o_proj = torch.nn.Linear(2, 2)
-    return torch.nn.Sequential(attention)
+def test_unsloths_own_attention_gets_flattened_rows(tmp_path):
+    """Unsloth's own attention (dense Qwen3 on a GPU) ignores transformers' masks, so packed rows reach it
+    flattened. Unsloth's real patch, run in a fresh process on this CPU (it patches nothing here when it
+    loads a model itself), marks the tiny dense model; Qwen3-MoE, compiled from transformers' modeling, keeps
+    the masks and its rows side by side; nothing packed, nothing flattened."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", UNSLOTH_PATCHED], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"dense": True, "compiled_moe": False,
+                                                                  "not_packed": False}
 
 
 def test_preset_follows_the_same_precedence_as_every_key(tmp_path):

@@ -14,6 +14,8 @@ WreckLearningRate: from global step WRECK_FROM_STEP (0-based) on, every optimize
 learning rate WRECK_LR: a run whose late steps are worse than its early ones.
 RecordAdapterAtStart: per stage and rank, the sum of |w| over the LoRA weights when training begins
 (which adapter a stage continues).
+RecordLosses: every logged training loss, as the process saw it, in <output_dir>/losses_seen.jsonl
+(what a killed run had logged before it died).
 """
 
 import gc
@@ -155,3 +157,10 @@ class HoldNodeAtStep(TrainerCallback):
         if state.global_step == int(os.environ["HOLD_AT_STEP"]) and node_rank() == int(os.environ["HOLD_NODE"]):
             Path(os.environ["HOLD_FILE"]).write_text(str(os.getpid()), encoding="utf-8")
             time.sleep(600)
+
+
+class RecordLosses(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.is_world_process_zero:
+            with open(Path(args.output_dir) / "losses_seen.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"pid": os.getpid(), "step": state.global_step, "loss": logs["loss"]}) + "\n")

@@ -14,13 +14,47 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# name: (file, text, replacement, pytest selection)
+# name: (file, text, replacement, pytest selection), or ([(file, text, replacement), ...], selection)
 MUTATIONS = {
     "control-trains-with-the-article": (
         "tests/blind_reader/sitecustomize.py",
         "prompt.prompt_messages = lambda instruction, article: [",
         "_unused = lambda instruction, article: [",
         ["tests/test_reading.py", "-k", "cannot_see"]),
+    "legacy-stage2-lr-halved": (
+        "qwen_finetune_legacy.py",
+        '"stage2_learning_rate": 1e-4,',
+        '"stage2_learning_rate": 5e-5,',
+        ["tests/test_parity.py", "-k", "legacy_pair"]),
+    # the recipe file edited along with the script: only the committed losses and adapter can tell
+    "legacy-stage2-lr-halved-recipe-too": (
+        [("qwen_finetune_legacy.py", '"stage2_learning_rate": 1e-4,', '"stage2_learning_rate": 5e-5,'),
+         ("tests/reference/legacy_recipe.json", '"stage2_learning_rate": 0.0001,', '"stage2_learning_rate": 5e-05,')],
+        ["tests/test_parity.py", "-k", "legacy_pair"]),
+    "legacy-alpha-halved-recipe-too": (
+        [("qwen_finetune_legacy.py", '"lora_alpha": 32,', '"lora_alpha": 16,'),
+         ("tests/reference/legacy_recipe.json", '"lora_alpha": 32,', '"lora_alpha": 16,')],
+        ["tests/test_parity.py", "-k", "legacy_pair"]),
+    "legacy-key-unfrozen": (
+        "qwen_finetune_legacy.py",
+        '    "max_grad_norm": 1.0,\n',
+        "",
+        ["tests/test_parity.py", "-k", "legacy_pair"]),
+    "unsloth-attention-unrecognised": (
+        "finetune/model.py",
+        'return type(module).forward.__module__.startswith("unsloth.models.")',
+        'return type(module).forward.__module__.startswith("unsloth.kernels.")',
+        ["tests/test_trainer_config.py", "-k", "unsloths_own"]),
+    "compiled-transformers-attention-taken-for-unsloths": (
+        "finetune/model.py",
+        'return type(module).forward.__module__.startswith("unsloth.models.")',
+        'return type(module).forward.__module__.startswith("unsloth")',
+        ["tests/test_trainer_config.py", "-k", "unsloths_own"]),
+    "distillation-term-without-gradient": (
+        "finetune/distill.py",
+        "loss = (task + self.distill_lambda * distill) / denominator",
+        "loss = (task + self.distill_lambda * distill.detach()) / denominator",
+        ["tests/test_distill.py", "-k", "off_is_the_plain"]),
     "demo-reference-off-by-0.1": (
         "tests/reference/demo_metrics.json",
         '"gen_offender_name_set_f1": 0.9138,',
@@ -62,12 +96,12 @@ MUTATIONS = {
         "",
         ["tests/test_preflight.py", "-k", "production_preset_dry_run_works_offline"]),
     "auto-deepspeed-stays-ddp": (
-        "finetune/memory.py",
+        "finetune/memory_plan.py",
         'return [str(ZERO2_ON_GPU), str(ZERO2_OFFLOAD)], f"auto: bf16 LoRA on {world} GPUs"',
         'return [""], f"auto: bf16 LoRA on {world} GPUs"',
         ["tests/test_memory.py", "-k", "users_command or stops_before"]),
     "gpu-run-not-refused": (
-        "finetune/pipeline.py",
+        "finetune/checks.py",
         "    if memory.fits or not cfg.check_memory:\n        return memory",
         "    if True:\n        return memory",
         ["tests/test_memory.py", "-k", "stops_before"]),
@@ -77,7 +111,7 @@ MUTATIONS = {
         "trained = tokens",
         ["tests/test_memory.py", "-k", "narrow"]),
     "4bit-lora-in-float32": (
-        "finetune/preflight.py",
+        "finetune/memory_plan.py",
         'lora_bytes=2 if cfg.load_in_4bit and backend == "hf" else 4',
         "lora_bytes=4",
         ["tests/test_memory.py", "-k", "narrow"]),
@@ -97,12 +131,12 @@ MUTATIONS = {
         "steps = min(min(a[i] for i in rows) + 1, budget)",
         ["tests/test_timing.py", "-k", "longest_answer"]),
     "preset-evaluates-every-200-steps": (
-        "finetune/config.py",
+        "finetune/presets.py",
         '"eval_steps": 800, "eval_max_samples": 500,',
         '"eval_steps": 200, "eval_max_samples": 500,',
         ["tests/test_timing.py", "-k", "production"]),
     "auto-gen-batch-ignores-the-plan": (
-        "finetune/pipeline.py",
+        "finetune/checks.py",
         "        cfg.gen_eval_batch_size = max(memory.gen_batch, 1)",
         "        cfg.gen_eval_batch_size = 64",
         ["tests/test_memory.py", "-k", "stops_before"]),
@@ -136,15 +170,18 @@ MUTATIONS = {
 
 
 def run(name: str) -> bool:
-    path, text, replacement, selection = MUTATIONS[name]
+    entry = MUTATIONS[name]
+    edits, selection = ([entry[:3]], entry[3]) if isinstance(entry[0], str) else entry
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "data", "__pycache__"))
-        source = (copy / path).read_text(encoding="utf-8")
-        if source.count(text) != 1:
-            raise SystemExit(f"{name}: the text to mutate is not once in {path}; update tests/mutations/run.py")
-        (copy / path).write_text(source.replace(text, replacement), encoding="utf-8")
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
+        for path, text, replacement in edits:
+            source = (copy / path).read_text(encoding="utf-8")
+            if source.count(text) != 1:
+                raise SystemExit(f"{name}: the text to mutate is not once in {path}; update tests/mutations/run.py")
+            (copy / path).write_text(source.replace(text, replacement), encoding="utf-8")
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+                                 *selection],
                                 cwd=copy, capture_output=True, text=True)
     return result.returncode != 0
 
