@@ -3,7 +3,8 @@
 Two files in tests/reference/, both only read by the test (tests/test_parity.py):
 - legacy_recipe.json, written by hand: every setting qwen_finetune_legacy.py freezes.
 - legacy_tiny_moe_run.json, written by `update` below from a run of the legacy script on the tiny MoE
-  and reviewed before it is committed: each stage's per-step losses and a fingerprint of the final adapter.
+  and reviewed before it is committed: per stage and step the loss, learning rate, gradient norm and
+  trained tokens, and a fingerprint of the final adapter.
   `update` refuses to write while the run's settings differ from the hand-written recipe.
 
     .venv/bin/python tests/legacy_reference.py update        # after a deliberate change (a rebuild of tiny/)
@@ -197,8 +198,9 @@ def largest_loss_change(found: list[str]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, str(REPO))
-    commands = {"update": update, "sensitivity": sensitivity}
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        raise SystemExit(__doc__)
-    raise SystemExit(commands[sys.argv[1]]())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("update", "sensitivity"))
+    raise SystemExit({"update": update, "sensitivity": sensitivity}[parser.parse_args().command]())

@@ -27,6 +27,7 @@ SLOW = (
     "-m tiny.build",
     "sbatch ", "deepspeed --hostfile",  # cluster launchers (docs/multi-node.md)
     "-m bench.tiny_runs",
+    "tests/legacy_reference.py", "tests/mutations/run.py",  # training runs (docs/testing.md)
     "parity.py run ", "parity.py evaluate ",  # training runs / an adapter of one
     "parity.py tokens --config-unsloth my.yaml",  # the user's own two configs
     # Qwen3's tokenizer over the whole generated mix (~120K records, ~45 s); tests/test_token_lengths.py runs

@@ -187,7 +187,15 @@ def run(name: str) -> bool:
 
 
 def main() -> int:
-    names = sys.argv[1:] or list(MUTATIONS)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME", help="mutations to run (default: all): "
+                        + ", ".join(MUTATIONS))
+    names = parser.parse_args().names or list(MUTATIONS)
+    unknown = [name for name in names if name not in MUTATIONS]
+    if unknown:
+        parser.error(f"unknown mutation(s): {', '.join(unknown)}")
     missed = []
     for name in names:
         caught = run(name)
