@@ -80,9 +80,9 @@ def check_model_config(cfg: FinetuneConfig) -> None:
 
 def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict:
     """{path: records} of every task file the stages will read, and {("general", path): GeneralData} of the
-    general-data files, each read once for the whole run: a bad record stops the run here, located, before any weights
-    load (minutes per rank on the 30B model). Every rank reads (each needs the records), so all stop
-    together without a collective."""
+    general-data files, each read once for the whole run: a bad record stops the run here, located, before
+    any weights load (minutes per rank on the 30B model). Every rank reads (each needs the records), so all
+    stop together without a collective."""
     paths = sorted({s.train_file for s in stages} | ({cfg.eval_file} if cfg.eval_file else set()))
     data: dict = {path: load_records(path) for path in paths}
     for path in sorted({cfg.rehearsal_data, cfg.general_eval_file} - {""}):

@@ -99,6 +99,7 @@ def resolve(mode: str | None, preset: str | None, config_file: str | None,
     layers.append(("command line", overrides))
     layers.append(("command line", {k: v for k, v in flags.items() if v is not None}))
     values: dict[str, Any] = {}
+    defaults = FinetuneConfig()
     user_changed: dict[str, str] = {}  # key -> the file or command line that changed it
     for where, layer in layers:
         for key, raw in layer.items():
@@ -106,7 +107,7 @@ def resolve(mode: str | None, preset: str | None, config_file: str | None,
                 raise _unknown_key(key, where)
             value = _coerce(key, raw, where)
             if where == config_file or where == "command line":
-                if value != values.get(key, getattr(FinetuneConfig(), key)):
+                if value != values.get(key, getattr(defaults, key)):
                     user_changed[key] = where
             values[key] = value
     check_mode_keys(mode, user_changed)
@@ -117,11 +118,13 @@ def resolve(mode: str | None, preset: str | None, config_file: str | None,
 
 
 # What each mode reads in place of the other's keys: a key set for the mode that ignores it is refused.
+# The keys each mode reads for a stage's data, learning rate and epochs (disjoint): a key of the other mode
+# that the file or command line set is refused.
 MODE_KEYS = {
-    "single": {"train_file": "train_file", "learning_rate": "learning_rate", "num_epochs": "num_epochs"},
-    "two-stage": {"train_file": "stage1_train_file and stage2_train_file",
-                  "learning_rate": "stage1_learning_rate and stage2_learning_rate",
-                  "num_epochs": "stage1_num_epochs and stage2_num_epochs"},
+    "single": {"train_file": ("train_file",), "learning_rate": ("learning_rate",), "num_epochs": ("num_epochs",)},
+    "two-stage": {"train_file": ("stage1_train_file", "stage2_train_file"),
+                  "learning_rate": ("stage1_learning_rate", "stage2_learning_rate"),
+                  "num_epochs": ("stage1_num_epochs", "stage2_num_epochs")},
 }
 
 
@@ -130,11 +133,11 @@ def check_mode_keys(mode: str, user_changed: dict[str, str]) -> None:
     with its own file, rate and epochs; single with train_file, learning_rate, num_epochs) stops the run:
     silently ignored, it would train something other than what was asked for."""
     other = "two-stage" if mode == "single" else "single"
-    for generic, theirs in MODE_KEYS[other].items():
-        for key in theirs.split(" and "):
-            if key in user_changed and key not in MODE_KEYS[mode][generic].split(" and "):
+    for what, keys in MODE_KEYS[other].items():
+        for key in keys:
+            if key in user_changed:
                 raise ConfigError(f"{user_changed[key]}: '{key}' is not used by --mode {mode}, which reads "
-                                  f"{MODE_KEYS[mode][generic]} instead; set that, or drop '{key}'")
+                                  f"{' and '.join(MODE_KEYS[mode][what])} instead; set that, or drop '{key}'")
 
 
 def data_files(cfg: FinetuneConfig) -> dict[str, str]:

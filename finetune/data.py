@@ -21,7 +21,7 @@ from core.distributed import is_rank_zero, world_size
 from core.prompt import record_messages
 from core.records import file_sha256, load_records, seeded_subset
 from data_tools.stats import length_report
-from finetune.rehearsal import plan_general, text_rows
+from finetune import rehearsal
 from finetune.report import say
 
 ROW_COLUMNS = ["input_ids", "labels", "source"]
@@ -172,18 +172,19 @@ class StageInputs:
     identity: dict
 
 
-def stage_inputs(cfg, stage, data: dict[str, list[dict]], tokenizer, timer) -> StageInputs:
+def stage_inputs(cfg, stage, data: dict, tokenizer, timer) -> StageInputs:
     """The stage's records (rehearsal mixed in) and their finished datasets, with what was cut or left
-    out said before training starts. `data`: {path: records} read once for the run; `timer`: the run's
-    phase timer."""
+    out said before training starts. `data`: what the run read once (finetune.checks.read_run_data);
+    `timer`: the run's phase timer."""
     with timer(f"{stage.name}.data_load"):
         train_records = seeded_subset(data[stage.train_file], cfg.max_train_samples, cfg.seed)
         eval_records = (seeded_subset(data[cfg.eval_file], cfg.eval_max_samples, cfg.seed)
                         if cfg.eval_file else [])
         lengths = length_report(train_records, tokenizer, cfg.max_length)
-        general = plan_general(data.get(("general", cfg.rehearsal_data), cfg.rehearsal_data), cfg.rehearsal_ratio,
-                               data.get(("general", cfg.general_eval_file), cfg.general_eval_file),
-                               cfg.general_eval_samples, len(train_records), cfg.seed)
+        general = rehearsal.plan_general(data.get(("general", cfg.rehearsal_data), cfg.rehearsal_data),
+                                         cfg.rehearsal_ratio,
+                                         data.get(("general", cfg.general_eval_file), cfg.general_eval_file),
+                                         cfg.general_eval_samples, len(train_records), cfg.seed)
     rehearsal_text: list[dict] = []
     if general is not None and general.examples:
         r = general.report
@@ -193,7 +194,7 @@ def stage_inputs(cfg, stage, data: dict[str, list[dict]], tokenizer, timer) -> S
         if general.kind == "records":
             train_records = train_records + general.examples
         else:
-            rehearsal_text = text_rows(general.examples, tokenizer, cfg.max_length)
+            rehearsal_text = rehearsal.text_rows(general.examples, tokenizer, cfg.max_length)
     if lengths["over_max_length"]:
         say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
             f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "

@@ -201,7 +201,7 @@ class Recipe:
         inputs = stage_inputs(cfg, stage, self.data, self.tokenizer, timer)
         checkpoint = latest_checkpoint(out) if self.resume else None
         hooks = stage_callbacks(cfg, stage.name, out, inputs.eval_records, checkpoint,
-                                self.tracker_params(stage, inputs), parent_logger)
+                                self.tracker_params(stage, inputs) if cfg.mlflow else {}, parent_logger)
         with timer(f"{stage.name}.build_trainer"):
             trainer = sft_trainer(cfg, stage, out, self.model, self.tokenizer, inputs.rows, hooks.all)
         hooks.attach(trainer, self.model_info["router_aux_loss"]["coef"])

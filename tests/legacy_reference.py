@@ -49,11 +49,13 @@ def adapter_fingerprint(folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from core.records import file_sha256
+
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     shapes = {name: list(t.shape) for name, t in sorted(tensors.items())}
     found = {"tensors": len(tensors),
              "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
-             "bytes_sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]}
+             "bytes_sha256": file_sha256(folder / "adapter_model.safetensors")[:16]}
     generator = torch.Generator().manual_seed(0)
     for part in ("lora_A", "lora_B"):
         flat = torch.cat([t.double().flatten() for name, t in sorted(tensors.items()) if f".{part}." in name])
