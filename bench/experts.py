@@ -45,6 +45,7 @@ def main() -> int:
     from finetune.data import load_split, token_dataset
     from finetune.lora import plan_targets
     from finetune.model import add_lora, load_base
+    from finetune.run_plan import decide_here
 
     trl_cpu.install_if_needed()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +53,7 @@ def main() -> int:
     mix = "data/tiny/hawks_train_curriculum.json"
     ensure_tiny_data({"train_file": mix})
     cfg = config_mod.resolve("single", "tiny", None, {"model_name": "tiny-moe", "eval_file": "", "dtype": dtype}, {})
-    model, tokenizer = load_base(cfg, "hf")
+    model, tokenizer = load_base(cfg, decide_here(cfg, "hf")[0])
     model = add_lora(model, cfg, "hf", plan_targets(model, cfg)).to(device)
     model.train()
     base = model.get_base_model()

@@ -140,17 +140,19 @@ def measure(model_dir: Path, data: Path, eval_records: list[dict], four_bit: boo
     from finetune.lora import plan_targets
     from finetune.model import add_lora, load_base
     from finetune.moe import use_experts_implementation
+    from finetune.run_plan import decide_here
     from finetune.stages import sft_trainer, stages_for
 
     trl_cpu.install_if_needed()  # as the run does without a GPU: TRL's Triton loss kernel has no driver here
     with tempfile.TemporaryDirectory() as tmp:
         cfg = run_config(model_dir, data, Path(tmp), four_bit, gen_batch, max_length)
-        model, tokenizer = load_base(cfg, "hf")
+        plan = decide_here(cfg, "hf")[0]
+        model, tokenizer = load_base(cfg, plan)
         experts = use_experts_implementation(model, cfg.experts_implementation, on_gpu=False)
         model = add_lora(model, cfg, "hf", plan_targets(model, cfg))
         records = load_records(cfg.train_file)[:64]
         rows, row_tokens, trained = one_full_row(cfg, tokenizer, records)
-        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), model, tokenizer, rows)
+        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), plan, model, tokenizer, rows)
         train_tracker = tensor_memory(model)
         with train_tracker:
             trainer.train()

@@ -31,11 +31,12 @@ from bench.results import append_section
 
 def count_batches(cfg, model, tokenizer, rows, dropped: int) -> dict:
     from finetune.data import packed_if_asked
+    from finetune.run_plan import decide_here
     from finetune.stages import sft_trainer, stages_for
 
     data = packed_if_asked(cfg, rows, None, dropped)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), model, tokenizer, data)
+        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), decide_here(cfg, "hf")[0], model, tokenizer, data)
         processed = forwards = 0
         for batch in trainer.get_train_dataloader():
             processed += batch["input_ids"].numel()
@@ -66,6 +67,7 @@ def main() -> int:
     from finetune import config as config_mod
     from finetune.data import load_split, token_dataset, tokenising_processes
     from finetune.model import load_base
+    from finetune.run_plan import decide_here
 
     def config(**values):
         overrides = {"model_name": "tiny-moe", "eval_file": "", "dtype": "float32", "load_in_4bit": "false",
@@ -73,7 +75,7 @@ def main() -> int:
         return config_mod.resolve("single", args.preset, None, overrides, {}, dry_run=True)
 
     base = config()
-    model, tokenizer = load_base(base, "hf")  # the dataloader needs a trainer; any model builds one
+    model, tokenizer = load_base(base, decide_here(base, "hf")[0])  # the dataloader needs a trainer; any model builds one
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:

@@ -109,18 +109,21 @@ def measure(model_dir: Path, data: Path, eval_records: list[dict], backend: str,
     from finetune.lora import plan_targets
     from finetune.model import add_lora, load_base
     from finetune.moe import expert_lora_path, use_experts_implementation
+    from finetune.run_plan import confirm, decide_here
     from finetune.stages import sft_trainer, stages_for
 
     trl_cpu.install_if_needed()  # as the run does without a GPU
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(run_config(model_dir, data, Path(tmp), four_bit, gen_batch, max_length),
                                   max_steps=steps, backend=backend)
-        model, tokenizer = load_base(cfg, backend)
+        plan = decide_here(cfg, backend)[0]
+        model, tokenizer = load_base(cfg, plan)
         experts = use_experts_implementation(model, cfg.experts_implementation, on_gpu=device == "cuda")
+        plan = confirm(plan, model, experts)[0]
         model = add_lora(model, cfg, backend, plan_targets(model, cfg))
         rows, row_tokens, trained = one_full_row(cfg, tokenizer, load_records(cfg.train_file)[:64])
         timer = step_timer(device, steps)
-        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), model, tokenizer, rows, [timer])
+        trainer = sft_trainer(cfg, stages_for(cfg)[0], Path(tmp), plan, model, tokenizer, rows, [timer])
         trainer.train()
         model.eval()
         # untimed first: a first generate pays one-time costs (Unsloth's inference switch, kernel choices)

@@ -4,25 +4,24 @@ DataError), minutes before the model would have loaded on every rank."""
 
 from __future__ import annotations
 
-from core.distributed import is_rank_zero, world_size
+from core.distributed import is_rank_zero
 from core.records import load_records, seeded_subset
 from finetune import config as config_mod
 from finetune.config_schema import FinetuneConfig
 from finetune.memory_plan import CPU_GEN_BATCH
 from finetune.rehearsal import load_general
+from finetune.run_plan import RunPlan
 from finetune.report import say
 from finetune.stages import Stage, is_complete, latest_checkpoint, stage_dir
 
 
-def check_memory(cfg: FinetuneConfig, stages: list[Stage] = (), resume: bool = False):
+def check_memory(cfg: FinetuneConfig, plan: RunPlan, stages: list[Stage] = (), resume: bool = False):
     """On a GPU, before any weight loads: the memory plan (finetune/memory.py) picks DeepSpeed for
     `deepspeed=auto` and stops a run whose training or generation-eval peak would not fit the device, with
     the changes that would (check_memory=false runs it anyway). Rank 0 plans and every rank takes its
     choice, so all build the same engine. A resumed stage keeps the launcher its checkpoints were saved
     with. A CPU run is not planned."""
-    import torch
-
-    if not torch.cuda.is_available():
+    if not plan.gpu:
         if cfg.gen_eval_batch_size == 0:
             cfg.gen_eval_batch_size = CPU_GEN_BATCH
         return None
@@ -30,7 +29,7 @@ def check_memory(cfg: FinetuneConfig, stages: list[Stage] = (), resume: bool = F
 
     import torch.distributed as dist
 
-    memory = run_memory_plan(cfg, world_size()) if is_rank_zero() else None
+    memory = run_memory_plan(cfg, plan) if is_rank_zero() else None
     if dist.is_available() and dist.is_initialized():
         shared = [memory]
         dist.broadcast_object_list(shared, src=0)
@@ -59,23 +58,17 @@ def resumed_launcher(cfg: FinetuneConfig, stages: list[Stage]) -> str | None:
     return None
 
 
-def check_model_config(cfg: FinetuneConfig) -> None:
+def check_model_config(cfg: FinetuneConfig, model_config, attention: str) -> None:
     """Settings the model cannot take, known from its config (cache, shipped copy or hub), so said before
     minutes of loading instead of after: dropout on `auto` targets that put LoRA on a MoE's fused experts
-    (PEFT has no dropout there), sdpa_varlen on a model it was not checked on."""
-    from finetune.config_schema import SDPA_VARLEN
-    from finetune.model import attention_implementation, check_attention
+    (PEFT has no dropout there), sdpa_varlen (the plan's `attention`) on a model it was not checked on."""
+    from finetune.model import check_attention
     from finetune.moe import is_moe
-    from finetune.model_source import load_model_config
 
-    expert_dropout = cfg.lora_dropout and cfg.lora_target_parameters == ["auto"]
-    if not expert_dropout and attention_implementation(cfg) != SDPA_VARLEN:
-        return
-    model_config = load_model_config(cfg)[0]
-    if expert_dropout and is_moe(model_config):
+    if cfg.lora_dropout and cfg.lora_target_parameters == ["auto"] and is_moe(model_config):
         config_mod.check_no_expert_dropout(
             cfg, f"{cfg.model_name} is a MoE whose fused experts get LoRA (lora_target_parameters=auto)")
-    check_attention(model_config, cfg)
+    check_attention(model_config, cfg, attention)
 
 
 def read_run_data(cfg: FinetuneConfig, stages: list[Stage]) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from callbacks.generation_eval import ANSWER_MARGIN_TOKENS, answer_token_budget, prompt_lengths
 from finetune.config_schema import FinetuneConfig
@@ -16,6 +17,9 @@ from finetune.memory import (DEFAULT_DEVICE_GIB, FIT_SHARE, GIB, REPO, ZERO2_OFF
                              estimate, launcher_of, shape_of)
 from finetune.model_source import load_tokenizer_if_available, meta_model
 from finetune.quant_experts import NF4_BYTES_PER_WEIGHT
+
+if TYPE_CHECKING:
+    from finetune.run_plan import RunPlan
 
 
 @dataclass
@@ -166,14 +170,13 @@ def alternatives(shape: Shape, deepspeed: str, world: int, work: Workload, gpu: 
 QUANTIZED = ("attention", "dense_mlp", "experts")  # what load_in_4bit stores as NF4 (experts: quant_experts)
 
 
-def planned_storage(model, cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
+def planned_storage(model, cfg: FinetuneConfig, backend: str) -> dict[str, dict[str, float]]:
     """{category: {storage: bytes}} the run will hold, from the meta model: NF4 where 4-bit applies,
     else the load dtype; on the hf backend PEFT's kbit preparation upcasts the rest to float32."""
     from finetune.lora import category
-    from finetune.model import choose_backend
 
     rest = cfg.dtype
-    if cfg.load_in_4bit and choose_backend(cfg.backend)[0] == "hf":
+    if cfg.load_in_4bit and backend == "hf":
         rest = "float32"
     out: dict[str, dict[str, float]] = {}
     for name, param in model.named_parameters():
@@ -215,7 +218,7 @@ def workload(cfg: FinetuneConfig, tokenizer, eval_records: list[dict] | None) ->
 def memory_shape(cfg: FinetuneConfig, model, model_config, trainable: int, backend: str) -> Shape:
     """What the memory estimate needs of the meta model with LoRA on it: the base weights as they will be
     stored (LoRA left out: it is its own component), the LoRA size, and how LoRA reaches the experts."""
-    storage = planned_storage(model, cfg)
+    storage = planned_storage(model, cfg, backend)
     base = sum(size for kinds in storage.values() for size in kinds.values())
     experts_lora = any("lora_" in name and ".experts." in name for name, _ in model.named_parameters())
     # Unsloth keeps PEFT's fold on a CPU (finetune.moe.expert_lora_path) and replaces it on a GPU (its
@@ -246,14 +249,12 @@ def with_lora(model, cfg: FinetuneConfig):
                                 low_cpu_mem_usage=True)
 
 
-def run_memory_plan(cfg: FinetuneConfig, world: int) -> MemoryPlan:
+def run_memory_plan(cfg: FinetuneConfig, run: RunPlan) -> MemoryPlan:
     """The real run's plan on a GPU, before any weight loads (seconds: the meta model, the tokenizer, the
     eval set's lengths)."""
-    from finetune.model import choose_backend
-
     model, model_config, _ = meta_model(cfg)
     _, peft_model = with_lora(model, cfg)
     tokenizer, _ = load_tokenizer_if_available(cfg, model_config.model_type)
     work, _ = workload(cfg, tokenizer, gen_eval_records(cfg))
     return plan_from_model(cfg, peft_model, model_config, count_parameters(peft_model)["trainable"],
-                       choose_backend(cfg.backend)[0], world, work)
+                           run.backend, run.world, work)

@@ -7,14 +7,16 @@ imported only when its backend is chosen; `auto` prefers it when it imports.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.distributed import local_rank, world_size
 from finetune.config import ConfigError
 from finetune.config_schema import SDPA_VARLEN, TINY_MODELS, FinetuneConfig
 from finetune.lora import TargetPlan
+
+if TYPE_CHECKING:
+    from finetune.run_plan import RunPlan
 
 # config.json of models this repository knows, named after the model (the last part of its hub id):
 # lets the dry run and the Axolotl check work without the hub
@@ -37,23 +39,6 @@ def shipped_model_config(name: str) -> Path | None:
     return shipped if stem and shipped.is_file() else None
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """(backend, why): `auto` prefers Unsloth; when it ends on hf, `why` says so in one line."""
-    if requested == "hf":
-        return "hf", "requested"
-    available = importlib.util.find_spec("unsloth") is not None
-    if requested == "unsloth" and not available:
-        raise ConfigError("backend 'unsloth' requested but unsloth is not installed "
-                          "(bash scripts/setup.sh installs it); or use --backend hf")
-    if requested == "unsloth":
-        return "unsloth", "requested"
-    if not available:
-        return "hf", "auto: unsloth is not installed (bash scripts/setup.sh installs it)"
-    if world_size() > 1 and not has_cuda():
-        return "hf", "auto: Unsloth's CPU fallback runs one process only; torchrun on CPU uses PEFT"
-    return "unsloth", "auto: unsloth is installed"
-
-
 @functools.cache
 def import_backend(requested: str) -> tuple[str, str]:
     """(backend, why), Unsloth imported when it is the one. It patches transformers/TRL/PEFT and must come
@@ -61,7 +46,9 @@ def import_backend(requested: str) -> tuple[str, str]:
     imports the pipeline; cached, the pipeline's own call returns the same answer. `auto` falls back to
     PEFT when an installed Unsloth refuses to import (a GPU or driver it does not support, a broken
     install); asked for by name, that is an error."""
-    backend, why = choose_backend(requested)
+    from finetune.run_plan import Machine, choose_backend
+
+    backend, why = choose_backend(requested, Machine.this_launch())
     if backend != "unsloth":
         return backend, why
     if world_size() > 1 and has_cuda():
@@ -85,37 +72,8 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def attention_implementation(cfg: FinetuneConfig) -> str:
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    if has_cuda() and cfg.dtype != "float32" and flash_attention_works():
-        return "flash_attention_2"
-    # measured on CPU only (bench/train_throughput.py); on a GPU without flash-attn, sdpa's masked kernel
-    # may well beat one kernel launch per example
-    return SDPA_VARLEN if cfg.packing and not has_cuda() else "sdpa"
-
-
-@functools.cache
-def flash_attention_works() -> bool:
-    """flash-attn 2 is installed (transformers' check: the package, >= 2.3.3, CUDA) and its CUDA extension
-    imports: a build for another torch fails there ("undefined symbol"), not at find_spec."""
-    from transformers.utils import is_flash_attn_2_available
-
-    if not is_flash_attn_2_available():
-        return False
-    try:
-        importlib.import_module("flash_attn")
-    except Exception as e:  # ImportError, OSError (a missing CUDA library)
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"flash-attn is installed but does not import ({first_line}); attention falls back to sdpa",
-              file=sys.stderr)
-        return False
-    return True
-
-
-def register_attention(cfg: FinetuneConfig) -> str:
+def register_attention(name: str) -> str:
     """The attention implementation's name, known to transformers before a model is loaded with it."""
-    name = attention_implementation(cfg)
     if name == SDPA_VARLEN:
         from finetune.attention import register
 
@@ -123,12 +81,12 @@ def register_attention(cfg: FinetuneConfig) -> str:
     return name
 
 
-def check_attention(model_config, cfg: FinetuneConfig) -> None:
-    """Refuse sdpa_varlen on a model it was not checked on, from the model's config: called before the
-    weights load (finetune/pipeline.check_model_config) and by the dry run."""
+def check_attention(model_config, cfg: FinetuneConfig, attention: str) -> None:
+    """Refuse sdpa_varlen (the plan's `attention`) on a model it was not checked on, from the model's config:
+    called before the weights load (finetune/checks.check_model_config) and by the dry run."""
     from finetune.attention import MODEL_TYPES
 
-    if attention_implementation(cfg) != SDPA_VARLEN:
+    if attention != SDPA_VARLEN:
         return
     model_type = model_config.model_type
     if model_type not in MODEL_TYPES:
@@ -151,16 +109,6 @@ def runs_unsloth_attention(model) -> bool:
             # (unsloth_compiled_module_*) keeps transformers' attention and masks
             return type(module).forward.__module__.startswith("unsloth.models.")
     return False
-
-
-# The model types Unsloth (2026.10.9, unsloth/models/loader.py) loads into its own modeling on a GPU; the
-# others, qwen3_moe among them, go to its FastModel, which keeps transformers' modeling and masks
-UNSLOTH_OWN_MODELING = ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3")
-
-
-def expects_unsloth_attention(model_type: str, backend: str) -> bool:
-    """What runs_unsloth_attention will find once the model has loaded, for the dry run."""
-    return backend == "unsloth" and has_cuda() and model_type in UNSLOTH_OWN_MODELING
 
 
 def torch_dtype(cfg: FinetuneConfig):
@@ -192,17 +140,17 @@ def load_tokenizer(cfg: FinetuneConfig, **hub_kwargs):
     return tok
 
 
-def load_base(cfg: FinetuneConfig, backend: str):
-    """(model, tokenizer) with nothing trainable yet."""
-    path = resolve_model_path(cfg.model_name)
-    if backend == "unsloth":
+def load_base(cfg: FinetuneConfig, plan: RunPlan):
+    """(model, tokenizer) with nothing trainable yet, on the plan's backend with its attention."""
+    path, attention = resolve_model_path(cfg.model_name), plan.attention
+    if plan.backend == "unsloth":
         from unsloth import FastLanguageModel
 
         placement = {"device_map": rank_device_map()} if has_cuda() else {}  # CPU: Unsloth's own default
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path, max_seq_length=cfg.max_length, dtype=torch_dtype(cfg),
             load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=register_attention(cfg), random_state=cfg.seed,
+            attn_implementation=register_attention(attention), random_state=cfg.seed,
             use_gradient_checkpointing=False, **placement)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         apply_chat_template_choice(tokenizer, cfg)
@@ -211,7 +159,7 @@ def load_base(cfg: FinetuneConfig, backend: str):
 
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": register_attention(cfg),
+    kwargs = {"dtype": torch_dtype(cfg), "attn_implementation": register_attention(attention),
               "trust_remote_code": cfg.trust_remote_code, "device_map": rank_device_map()}
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig

@@ -28,6 +28,7 @@ from finetune.data import StageInputs, stage_inputs
 from finetune.forgetting import measure_forgetting
 from finetune.moe import expert_lora_path, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
+from finetune import run_plan
 from finetune.nodes import (check_shared_output, describe_launch, empty_cuda_cache, init_distributed,
                             launch_table, record_launch, wait_for_rank_zero)
 from finetune.report import adapter_step, print_summary, say
@@ -93,7 +94,10 @@ class Recipe:
         self.launch = launch_table()
         if self.launch["world_size"] > 1:
             say(describe_launch(self.launch))
-        self.memory = check_memory(cfg, stages, self.resume)
+        self.plan, model_config = run_plan.decide_here(cfg)
+        self.memory = check_memory(cfg, self.plan, stages, self.resume)
+        self.plan = self.plan.with_launcher(config_mod.deepspeed_file(cfg))  # deepspeed=auto: the memory plan's
+        say(f"run plan: {self.plan.describe()}")
         plan_stage_dirs(cfg, stages, self.resume, self.overwrite)
         wait_for_rank_zero()
         todo = [s for s in stages if not is_complete(stage_dir(cfg, s))]
@@ -107,7 +111,7 @@ class Recipe:
             self.data = read_run_data(cfg, todo)
             if selects_best(cfg):
                 check_best_metric_reported(cfg, self.data[cfg.eval_file])
-        check_model_config(cfg)
+        check_model_config(cfg, model_config, self.plan.attention)
         if cfg.mlflow and cfg.mlflow_require and is_rank_zero():
             mlflow_logger(cfg, Path(cfg.output_dir), "check").check()
         return True
@@ -147,13 +151,12 @@ class Recipe:
         """The backend, the base model and its LoRA: what every stage trains."""
         cfg, timer = self.cfg, self.timer
         with timer("imports"):
-            from finetune.model import add_lora, attention_implementation, has_cuda, import_backend, load_base
+            from finetune.model import add_lora, load_base
 
-            backend, backend_why = import_backend(cfg.backend)
             import transformers
             import trl  # noqa: F401
 
-            if backend == "hf":
+            if self.plan.backend == "hf":
                 from finetune import trl_cpu
 
                 if trl_cpu.install_if_needed():
@@ -163,34 +166,34 @@ class Recipe:
             from finetune.lora import check_trainable, plan_targets
             from finetune.quant_experts import describe_storage, storage_by_category
         transformers.set_seed(cfg.seed)
-        say(f"backend: {backend} ({backend_why})")
+        backend = self.plan.backend
+        say(f"backend: {backend} ({self.plan.backend_why})")
         with timer("model_load"):
-            model, tokenizer = load_base(cfg, backend)
-            experts = use_experts_implementation(model, cfg.experts_implementation, has_cuda())
+            model, tokenizer = load_base(cfg, self.plan)
+            experts = use_experts_implementation(model, cfg.experts_implementation, self.plan.gpu)
         with timer("lora"):
-            plan = plan_targets(model, cfg)
-            model = add_lora(model, cfg, backend, plan)
-            params = check_trainable(model, plan)
-        say(f"LoRA targets: modules {plan.modules}, parameters {plan.parameters}, router "
-            f"{'trained' if plan.router else 'frozen'}; trainable {params['trainable']:,} of "
+            targets = plan_targets(model, cfg)
+            model = add_lora(model, cfg, backend, targets)
+            params = check_trainable(model, targets)
+        say(f"LoRA targets: modules {targets.modules}, parameters {targets.parameters}, router "
+            f"{'trained' if targets.router else 'frozen'}; trainable {params['trainable']:,} of "
             f"{params['total']:,} ({params['trainable_by_category']})")
         storage = storage_by_category(model)
         say(f"weight storage: {describe_storage(storage)}")
         aux = router_aux_loss_setting(cfg, model.config)
-        asked = attention_implementation(cfg)
         # what the model runs: a backend may choose otherwise (Unsloth falls back to sdpa where flash-attn
         # cannot run), and the run summary records this one
-        attention = getattr(model.config, "_attn_implementation", None) or asked
-        if attention != asked:
-            say(f"attention: {asked} was asked for; the loaded model runs {attention}")
+        self.plan, differences = run_plan.confirm(self.plan, model, experts)
+        for difference in differences:
+            say(difference)
         model_info = {"router_aux_loss": aux, "weight_storage": storage, "experts_implementation": experts,
-                      "attn_implementation": attention, "expert_lora": expert_lora_path(model)}
+                      "attn_implementation": self.plan.attention, "expert_lora": expert_lora_path(model)}
         if aux["moe"]:
             say(f"MoE router {describe_aux_loss(aux)}")
             say(f"MoE experts run as {experts} (experts_implementation={cfg.experts_implementation}); "
                 f"expert LoRA: {model_info['expert_lora']}")
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
-        self.plan, self.params, self.model_info = plan, params, model_info
+        self.targets, self.params, self.model_info = targets, params, model_info
         self.libraries = library_versions()
 
     def train_stage(self, stage: Stage, parent_logger=None) -> dict:
@@ -203,7 +206,7 @@ class Recipe:
         hooks = stage_callbacks(cfg, stage.name, out, inputs.eval_records, checkpoint,
                                 self.tracker_params(stage, inputs) if cfg.mlflow else {}, parent_logger)
         with timer(f"{stage.name}.build_trainer"):
-            trainer = sft_trainer(cfg, stage, out, self.model, self.tokenizer, inputs.rows, hooks.all)
+            trainer = sft_trainer(cfg, stage, out, self.plan, self.model, self.tokenizer, inputs.rows, hooks.all)
         hooks.attach(trainer, self.model_info["router_aux_loss"]["coef"])
         if checkpoint:
             say(f"{stage.name}: resuming from {checkpoint}")
@@ -256,7 +259,7 @@ class Recipe:
 
     def stage_summary(self, stage: Stage, trainer, metrics: dict, inputs: StageInputs, hooks: StageCallbacks,
                       train_s: float) -> dict:
-        cfg, plan, model_info, log = self.cfg, self.plan, self.model_info, trainer.state.log_history
+        cfg, targets, model_info, log = self.cfg, self.targets, self.model_info, trainer.state.log_history
         return run_summary.build(
             backend=self.backend, model=cfg.model_name, global_step=trainer.state.global_step, log_history=log,
             metrics=metrics, stage=stage.name, mode=cfg.mode, train_seconds=round(train_s, 1),
@@ -264,14 +267,15 @@ class Recipe:
             router_aux_loss={**model_info["router_aux_loss"], "aux_losses": aux_losses(log)},
             weight_storage_bytes=model_info["weight_storage"], phase_seconds=dict(self.timer.seconds),
             trainable_parameters=self.params,
-            lora_targets={"modules": plan.modules, "parameters": plan.parameters, "matches": plan.matches,
-                          "router_trained": plan.router, "expert_rank": plan.expert_rank},
+            lora_targets={"modules": targets.modules, "parameters": targets.parameters, "matches": targets.matches,
+                          "router_trained": targets.router, "expert_rank": targets.expert_rank},
             data=inputs.identity, packing=inputs.rows.report(),
             mlflow_run_id=hooks.tracker.run_id if hooks.tracker else None,
             world_size=world_size(), launch=self.launch, watchdog_dumps=hooks.watchdog.dumps,
             attn_implementation=model_info["attn_implementation"],
             experts_implementation=model_info["experts_implementation"], expert_lora=model_info["expert_lora"],
             memory_plan=self.memory.report() if self.memory else None, libraries=self.libraries,
+            run_plan=self.plan.report(),
             ddp_find_unused_parameters=trainer.args.ddp_find_unused_parameters, python=sys.version.split()[0])
 
     def finish_stage(self, stage: Stage, out: Path, trainer, summary: dict, metrics: dict,

@@ -25,10 +25,12 @@ from finetune.memory_plan import (MemoryPlan, Workload, memory_shape, plan_from_
                                   weights_while_loading, with_lora, workload)
 from finetune.model_source import hub_reachable, load_tokenizer_if_available, meta_model
 from finetune.moe import describe as describe_aux_loss
-from finetune.moe import router_aux_loss_setting, use_experts_implementation
+from finetune.moe import router_aux_loss_setting
 from finetune.quant_experts import describe_storage
+from finetune import run_plan
+from finetune.run_plan import Machine, RunPlan
 from finetune.selection import describe_plan
-from finetune.stages import flattens_packed_rows, stages_for
+from finetune.stages import stages_for
 from finetune.timing import time_plans
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,10 +81,9 @@ class DryRun:
     model: object
     model_config: object
     shipped_config: str | None
-    backend: str
-    experts: str | None
-    attention: str
-    plan: object  # finetune.lora.TargetPlan
+    here: RunPlan  # the run plan on this machine, as the real run decides it
+    gpus: RunPlan  # the same launch on GPUs (`here` when this machine has them): memory and time are planned for it
+    targets: object  # finetune.lora.TargetPlan
     base_counts: dict
     counts: dict
     tokenizer: object
@@ -98,17 +99,15 @@ class DryRun:
 
 
 def plan_dry_run(cfg: FinetuneConfig, world: int, nodes: int) -> DryRun:
-    from finetune.model import attention_implementation, check_attention, choose_backend
+    from finetune.model import check_attention
 
     model, model_config, shipped_config = meta_model(cfg)
-    check_attention(model_config, cfg)
-    # the choice of the run this plans: on a GPU, with the backend `auto` resolves to here
-    backend = choose_backend(cfg.backend)[0]
-    experts = use_experts_implementation(model, cfg.experts_implementation, on_gpu=True)
-    if experts and backend == "unsloth" and cfg.experts_implementation == "auto":
-        experts = "unsloth"  # on a GPU, Unsloth's own MoE forward is its default (unsloth_zoo moe_experts_interface)
+    machine = Machine.this_launch(world, nodes)
+    here = run_plan.decide(cfg, model_config, machine)
+    gpus = here if machine.gpu else run_plan.decide(cfg, model_config, machine.with_gpus())
+    check_attention(model_config, cfg, here.attention)
     base_counts = count_parameters(model)
-    plan, peft_model = with_lora(model, cfg)
+    targets, peft_model = with_lora(model, cfg)
     counts = count_parameters(peft_model)
     tokenizer, tokenizer_source = load_tokenizer_if_available(cfg, model_config.model_type)
     data = {}
@@ -117,21 +116,23 @@ def plan_dry_run(cfg: FinetuneConfig, world: int, nodes: int) -> DryRun:
             records = load_split(stage.train_file, cfg.max_train_samples, cfg.seed)
             data[stage.name] = (length_report(records, tokenizer, cfg.max_length) if tokenizer is not None
                                 else {"examples": len(records)})
-    storage = planned_storage(model, cfg)
+    storage = planned_storage(model, cfg, gpus.backend)
     work, gen_measured = workload(cfg, tokenizer, gen_eval_records(cfg))
-    memory = plan_from_model(cfg, peft_model, model_config, counts["trainable"], backend, world, work)
-    timing = time_plans(cfg, memory_shape(cfg, peft_model, model_config, counts["trainable"], backend),
-                        plan.expert_rank or cfg.lora_r, world, tokenizer, data, memory.gen_batch)
+    memory = plan_from_model(cfg, peft_model, model_config, counts["trainable"], gpus.backend, world, work)
+    gpus = gpus.with_launcher(memory.deepspeed)
+    here = gpus if machine.gpu else here
+    timing = time_plans(cfg, memory_shape(cfg, peft_model, model_config, counts["trainable"], gpus.backend),
+                        targets.expert_rank or cfg.lora_r, world, tokenizer, data, memory.gen_batch)
     return DryRun(cfg, world, nodes, model, model_config,
-                  str(shipped_config.relative_to(REPO)) if shipped_config else None, backend, experts,
-                  attention_implementation(cfg), plan, base_counts, counts, tokenizer, tokenizer_source,
+                  str(shipped_config.relative_to(REPO)) if shipped_config else None, here, gpus,
+                  targets, base_counts, counts, tokenizer, tokenizer_source,
                   config_mod.missing_data(cfg),  # only a dry run gets here with files missing
                   data, storage, work, gen_measured, memory, timing, weights_while_loading(storage))
 
 
 def dry_run_report(d: DryRun) -> dict:
     """The dry run as one JSON object (its last line of output)."""
-    cfg, plan, launcher = d.cfg, d.plan, d.memory.estimate.launcher
+    cfg, plan, launcher = d.cfg, d.targets, d.memory.estimate.launcher
     return {
         "model": cfg.model_name, "model_config_shipped": d.shipped_config, "model_class": type(d.model).__name__,
         "mode": cfg.mode, "world_size": d.world, "nodes": d.nodes, "deepspeed": d.memory.deepspeed or None,
@@ -152,7 +153,8 @@ def dry_run_report(d: DryRun) -> dict:
         "gen_eval_prompt_tokens": d.work.prompt_tokens if d.gen_measured else None,
         "memory": {**d.memory.report(),
                    "weights_while_loading_gib": round(d.loading / GIB, 2) if d.loading else None},
-        "packing": cfg.packing, "experts_implementation": d.experts, "attn_implementation": d.attention,
+        "packing": cfg.packing, "experts_implementation": d.gpus.experts, "attn_implementation": d.here.attention,
+        "run_plan": d.here.report(), "gpu_run_plan": d.gpus.report(),
         "time": {name: t.report() for name, t in d.timing.items()},
     }
 
@@ -166,7 +168,7 @@ def print_model(d: DryRun, report: dict) -> None:
         print(f"model config: {d.shipped_config} (shipped copy; the Hugging Face cache has none)")
     print(f"mode         {cfg.mode}, world size {d.world}"
           + (f" ({d.nodes} nodes x {d.world // d.nodes} ranks)" if d.nodes > 1 else ""))
-    for target, n in d.plan.matches.items():
+    for target, n in d.targets.matches.items():
         print(f"target       {target:<28} matched {n}")
     print(f"router       {report['lora_targets']['router']}")
     if report["router_aux_loss"]["moe"]:
@@ -177,9 +179,7 @@ def print_model(d: DryRun, report: dict) -> None:
 
 
 def print_run(d: DryRun) -> None:
-    """The data, weights, memory and time plans, experts, packing, attention and the adapter kept."""
-    from finetune.model import expects_unsloth_attention
-
+    """The data, weights, memory and time plans, experts, packing, attention, the run plan and the adapter kept."""
     cfg = d.cfg
     for problem in d.missing:
         print(f"data missing {problem}")
@@ -199,17 +199,19 @@ def print_run(d: DryRun) -> None:
     for name, t in d.timing.items():
         for i, line in enumerate(t.describe()):
             print(f"{'time ' + name if i == 0 else '':<12} {line}")
-    if d.experts:
-        print(f"experts      {d.experts} on a GPU (experts_implementation={cfg.experts_implementation}, "
-              f"backend {d.backend})")
+    if d.gpus.experts:
+        print(f"experts      {d.gpus.experts} on a GPU (experts_implementation={cfg.experts_implementation}, "
+              f"backend {d.gpus.backend})")
     packing = (f"on: several examples per padding-free row of up to {cfg.max_length} tokens" if cfg.packing
                else "off: one example per row")
-    flattened = cfg.packing and (flattens_packed_rows(cfg)
-                                 or expects_unsloth_attention(d.model_config.model_type, d.backend))
-    layout = ("; a micro-batch's rows flattened into one sequence" if flattened
+    layout = ("; a micro-batch's rows flattened into one sequence" if d.here.rows_flattened
               else "; rows side by side" if cfg.packing else "")
     print(f"packing      {packing}{layout} (rows counted when training starts)")
-    print(f"attention    {d.attention} on this machine (attn_implementation={cfg.attn_implementation})")
+    print(f"attention    {d.here.attention} on this machine (attn_implementation={cfg.attn_implementation})")
+    print(f"run plan     {d.here.describe()}")
+    if d.gpus is not d.here:  # this machine has no GPU: the plan the same launch gets on GPUs
+        flash = (cfg.attn_implementation == "auto" and cfg.dtype != "float32" and d.gpus.attention != "flash_attention_2")
+        print(f"  GPU run    {d.gpus.describe()}" + ("; flash_attention_2 where flash-attn imports" if flash else ""))
     print(f"adapter      {describe_plan(cfg).removeprefix('adapter/ = ')}")
 
 

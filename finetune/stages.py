@@ -12,12 +12,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from core.distributed import is_rank_zero, world_size
+from core.distributed import is_rank_zero
 from finetune import config as config_mod
 from finetune.config import ConfigError
-from finetune.config_schema import SDPA_VARLEN, FinetuneConfig
+from finetune.config_schema import FinetuneConfig
 from finetune.nodes import check_resume_launch
+
+if TYPE_CHECKING:
+    from finetune.run_plan import RunPlan
 
 MARKER = "COMPLETE"
 
@@ -110,14 +114,11 @@ def plan_stage_dirs(cfg: FinetuneConfig, stages: list[Stage], resume: bool, over
             check_resume_launch(path, latest)
 
 
-def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = True, model=None):
-    """`has_eval`: whether the stage has an eval set, decided once by `sft_trainer` from its datasets.
-    `model`: the model it will train, when built (flattens_packed_rows)."""
-    import torch
+def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, plan: RunPlan, has_eval: bool = True, model=None):
+    """`plan`: the run plan (device, world size, launcher, packed-row layout). `has_eval`: whether the stage
+    has an eval set, decided once by `sft_trainer` from its datasets. `model`: the model it will train."""
     from trl import SFTConfig
 
-    on_gpu = torch.cuda.is_available()
-    flatten = flattens_packed_rows(cfg, model)
     args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -143,8 +144,8 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         bf16=cfg.dtype == "bfloat16",
         fp16=cfg.dtype == "float16",
-        use_cpu=not on_gpu,
-        ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,
+        use_cpu=not plan.gpu,
+        ddp_backend="gloo" if not plan.gpu and plan.world > 1 else None,
         # PEFT (hf backend) folds LoRA into every expert at every forward and LoRA sits on every layer: each
         # trainable tensor gets a gradient each step, so DDP need not walk the graph for unused ones (which
         # transformers asks for on a PeftModel unless told). Unsloth's own MoE kernels: left to its default.
@@ -165,11 +166,11 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, has_eval: bool = Tr
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # never the checkpoint's value by accident
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=cfg.report_to or "none",
-        deepspeed=config_mod.deepspeed_file(cfg) or None,  # auto: decided by the run (finetune/memory.py)
+        deepspeed=plan.launcher or None,  # deepspeed=auto: the memory plan's choice (finetune/checks.py)
         save_only_model=False,  # resume needs the optimizer and scheduler state
         disable_tqdm=False,
     )
-    args.packing = args.padding_free = flatten
+    args.packing = args.padding_free = plan.rows_flattened
     return args
 
 
@@ -184,22 +185,8 @@ def runs_unsloth(model) -> bool:
         type(model).__module__.startswith("unsloth")
 
 
-def flattens_packed_rows(cfg: FinetuneConfig, model=None) -> bool:
-    """Whether packed rows reach the model flattened into one padding-free sequence per micro-batch (TRL's
-    padding-free collator): right where the attention splits the examples by their position ids
-    (FlashAttention's varlen kernel; our sdpa_varlen), and always where Unsloth runs its own attention
-    (finetune.model.runs_unsloth_attention), which reads example boundaries from the position ids of a
-    one-row batch only. Elsewhere (sdpa, eager) the rows stay side by side (finetune/collate.py): one
-    flattened micro-batch would cost (rows x max_length)^2 attention instead of rows x max_length^2."""
-    from finetune.model import attention_implementation, runs_unsloth_attention
-
-    if not cfg.packing:
-        return False
-    return (attention_implementation(cfg).startswith(("flash_attention", "kernels-community/flash", SDPA_VARLEN))
-            or (model is not None and runs_unsloth_attention(model)))
-
-
-def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, data, callbacks: list = ()):
+def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, plan: RunPlan, model, tokenizer, data,
+                callbacks: list = ()):
     """TRL's SFTTrainer over a stage's finished datasets (`data`: finetune.data.StageData).
     With distill_lambda > 0 the trainer adds the distillation term (finetune/distill.py)."""
     from trl import SFTTrainer  # imported (and patched by Unsloth, on that backend) by the caller first
@@ -209,7 +196,7 @@ def sft_trainer(cfg: FinetuneConfig, stage: Stage, out: Path, model, tokenizer, 
 
     from finetune.collate import PackedRowsCollator
 
-    args = sft_config(cfg, stage, out, has_eval=data.eval is not None, model=model)
+    args = sft_config(cfg, stage, out, plan, has_eval=data.eval is not None, model=model)
     side_by_side = data.packed and not args.padding_free
     collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id) if side_by_side else None
     trainer_class = adapter_checkpoints(SFTTrainer if cfg.distill_lambda == 0 else

@@ -60,7 +60,9 @@ def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "f
     from finetune.config import resolve
     from finetune.data import stage_data
     from finetune.lora import plan_targets
-    from finetune.model import add_lora, attention_implementation, load_base
+    from finetune.model import add_lora, load_base
+    from finetune.model_source import load_model_config
+    from finetune.run_plan import Machine, confirm, decide
     from finetune.stages import sft_trainer, stages_for
 
     def config(packing: bool):
@@ -68,8 +70,11 @@ def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "f
                                                 "packing": str(packing), "micro_batch_size": "2",
                                                 "attn_implementation": attention, "dtype": dtype}, {}, None)
 
+    def plan(packing: bool, model_config):  # the trainer's run plan (finetune/run_plan.py) on this machine
+        return decide(config(packing), model_config, Machine.this_launch(), (backend, "the packing check's"))
+
     cfg = config(True)
-    model, tokenizer = load_base(cfg, backend)
+    model, tokenizer = load_base(cfg, plan(True, load_model_config(cfg)[0]))
     model = add_lora(model, cfg, backend, plan_targets(model, cfg))
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA B starts at zero: give the adapter a part in the forward pass
@@ -82,7 +87,8 @@ def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "f
     def batches(packing: bool):
         data = stage_data(config(packing), records, [], tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = sft_trainer(config(packing), stages_for(cfg)[0], Path(tmp), model, tokenizer, data)
+            loaded = confirm(plan(packing, model.config), model, None)[0]  # as the trainer confirms it after loading
+            trainer = sft_trainer(config(packing), stages_for(cfg)[0], Path(tmp), loaded, model, tokenizer, data)
             # on the model's device, as the Trainer moves them (the check also runs on CUDA: tests/test_gpu.py)
             return trainer, data, [{k: v.to(model.device) for k, v in batch.items()}
                                    for batch in trainer.get_train_dataloader()]
@@ -138,7 +144,7 @@ def main(backend: str, model_name: str, attention: str = "auto", dtype: str = "f
     plain_grad = epoch_gradient(plain_trainer, plain_batches)
     scale = max(float(g.abs().max()) for g in plain_grad.values())
     grad_diff = max(float((packed_grad[n] - plain_grad[n]).abs().max()) for n in plain_grad) / scale
-    return {"backend": backend, "model": model_name, "attention": attention_implementation(cfg),
+    return {"backend": backend, "model": model_name, "attention": plan(True, model.config).attention,
             "model_attention": model.config._attn_implementation, "examples_in_first_batch": len(real),
             "rows_in_first_batch": int(first["input_ids"].shape[0]), "collator": type(trainer.data_collator).__name__,
             "trained_tokens_checked": trained, "max_token_loss_diff": worst,

@@ -109,11 +109,11 @@ def test_models_it_was_not_checked_on_are_refused():
     from finetune.model import check_attention
 
     cfg = resolve("single", "tiny", None, {"eval_file": "", "packing": "true"}, {}, None)
-    check_attention(SimpleNamespace(model_type="qwen3_moe", sliding_window=None), cfg)
+    check_attention(SimpleNamespace(model_type="qwen3_moe", sliding_window=None), cfg, "sdpa_varlen")
     with pytest.raises(ConfigError, match="set attn_implementation=sdpa"):
-        check_attention(SimpleNamespace(model_type="gemma3"), cfg)
+        check_attention(SimpleNamespace(model_type="gemma3"), cfg, "sdpa_varlen")
     with pytest.raises(ConfigError, match="sliding window of 4096; set attn_implementation=sdpa"):
-        check_attention(SimpleNamespace(model_type="qwen3", sliding_window=4096), cfg)
+        check_attention(SimpleNamespace(model_type="qwen3", sliding_window=4096), cfg, "sdpa_varlen")
 
 
 def test_sliding_window_models_are_refused_with_the_setting_to_use():

@@ -16,9 +16,10 @@ def peft_model_with_trained_looking_adapter(kind: str):
     from finetune.config import resolve
     from finetune.lora import plan_targets
     from finetune.model import add_lora, load_base
+    from finetune.run_plan import decide_here
 
     cfg = resolve("single", "tiny", None, {"model_name": f"tiny-{kind}", "eval_file": ""}, {}, None)
-    model, tokenizer = load_base(cfg, "hf")
+    model, tokenizer = load_base(cfg, decide_here(cfg, "hf")[0])
     torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapter whatever ran before
     model = add_lora(model, cfg, "hf", plan_targets(model, cfg))
     generator = torch.Generator().manual_seed(0)
@@ -179,6 +180,7 @@ def test_rehearsal_rows_enter_the_trainers_dataset(tmp_path, monkeypatch):
     from finetune.model import load_base
     from finetune.data import stage_data
     from finetune.rehearsal import load_general, plan_general, text_rows
+    from finetune.run_plan import decide_here
     from finetune.stages import sft_trainer, stages_for
 
     monkeypatch.chdir(tmp_path)
@@ -191,14 +193,15 @@ def test_rehearsal_rows_enter_the_trainers_dataset(tmp_path, monkeypatch):
     assert alpaca.kind == "records" and alpaca.items[0]["source"] == "rehearsal"
 
     cfg = resolve("single", "tiny", None, {"eval_file": ""}, {}, None)
-    model, tokenizer = load_base(cfg, "hf")
+    plan = decide_here(cfg, "hf")[0]
+    model, tokenizer = load_base(cfg, plan)
     task = generate(0, "train", "positive", 4)
-    plan = plan_general("alpaca.json", 0.5, "", 1, len(task), seed=0)
+    general = plan_general("alpaca.json", 0.5, "", 1, len(task), seed=0)
     rows = text_rows(docs.items, tokenizer, 8)
-    trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / "o", model, tokenizer,
-                          stage_data(cfg, task + plan.examples, [], tokenizer, rows))
+    trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / "o", plan, model, tokenizer,
+                          stage_data(cfg, task + general.examples, [], tokenizer, rows))
     data = trainer.train_dataset
-    assert len(plan.examples) == 4  # ratio 0.5 of 4 task examples: the 3-row file cycled
+    assert len(general.examples) == 4  # ratio 0.5 of 4 task examples: the 3-row file cycled
     assert len(data) == 4 + 4 + 3
     sources = [row["source"] for row in data]
     assert sources.count("rehearsal") == 7

@@ -162,7 +162,7 @@ def test_torchrun_two_gpus_deepspeed_zero2(moe_dir, tmp_path):
 def test_packed_examples_stay_apart_on_cuda(backend, model):
     """tests/packing_check.py on CUDA, micro-batch 2. Unsloth runs dense Qwen3 with its own attention, which
     ignores transformers' masks and reads example boundaries from the position ids of a one-row batch only,
-    so there the rows must arrive flattened (finetune/stages.flattens_packed_rows); it leaves Qwen3-MoE to
+    so there the rows must arrive flattened (finetune/run_plan.py); it leaves Qwen3-MoE to
     transformers' modeling. Either way each trained token's loss must equal its loss with the example alone."""
     from packing_check import run as packing_check
 
@@ -184,7 +184,7 @@ def test_packed_examples_stay_apart_in_bfloat16(backend):
     rounding while a leak across examples (the control) moves it far more."""
     from packing_check import run as packing_check
 
-    from finetune.model import flash_attention_works
+    from finetune.run_plan import flash_attention_works
 
     r = packing_check(backend, "tiny-moe", "auto", "bfloat16", timeout=900)
     expected = "flash_attention_2" if flash_attention_works() else "sdpa"

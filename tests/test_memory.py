@@ -9,9 +9,11 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from finetune import run_plan
 from finetune.config import ConfigError, resolve
 from finetune.memory import GIB, ZERO2_OFFLOAD, ZERO2_ON_GPU, Launcher, Shape, estimate, launcher_of, resident
 from finetune.memory_plan import Workload, deepspeed_candidates, plan
@@ -132,17 +134,19 @@ def test_a_gpu_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch)
     cfg = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "80", "backend": "hf"}, {}, None,
                   dry_run=True)
     assert cfg.gen_eval_batch_size == 0  # the preset's auto
-    checks.check_memory(cfg)  # fits: auto becomes the ZeRO-2 file the plan chose
+    four_gpus = run_plan.decide(cfg, SimpleNamespace(model_type="qwen3_moe"),
+                                run_plan.Machine(gpu=True, world=4, nodes=1, unsloth_installed=False))
+    checks.check_memory(cfg, four_gpus)  # fits: auto becomes the ZeRO-2 file the plan chose
     assert cfg.deepspeed == str(ZERO2_ON_GPU)
     # and the generation batch the largest that fits: prompts bounded by max_length without an eval set
     assert cfg.gen_eval_batch_size == 16
     small = resolve("single", "qwen3-30b-a3b", None, {"device_memory_gib": "40", "backend": "hf"}, {}, None,
                     dry_run=True)
     with pytest.raises(ConfigError) as e:
-        checks.check_memory(small)
+        checks.check_memory(small, four_gpus)
     assert "would not fit the GPU" in str(e.value) and "--mode two-stage" in str(e.value)
     assert "check_memory=false" in str(e.value)
-    checks.check_memory(replace(small, check_memory=False))  # the explicit override runs it anyway
+    checks.check_memory(replace(small, check_memory=False), four_gpus)  # the explicit override runs it anyway
 
 
 def test_prediction_matches_tensor_measurement_of_a_narrow_moe(tmp_path):
@@ -197,4 +201,6 @@ def test_auto_generation_batch_is_the_largest_that_fits_after_the_launcher_and_1
                                      gen_batch_auto=False)).gen_batch == 32  # a batch set by the user is kept
     assert chosen.report()["gen_eval_batch_size"] == 64 and chosen.report()["gen_eval_batch_size_auto"]
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert checks.check_memory(cfg) is None and cfg.gen_eval_batch_size == 16
+    cpu = run_plan.decide(cfg, SimpleNamespace(model_type="qwen3_moe"),
+                          run_plan.Machine(gpu=False, world=1, nodes=1, unsloth_installed=False))
+    assert checks.check_memory(cfg, cpu) is None and cfg.gen_eval_batch_size == 16

@@ -57,6 +57,15 @@ def test_moe_single_with_generation_eval_keeps_training_as_it_was(tmp_path, back
     assert (s["packing"]["rows"] < 16) == (packing == "true")
     # the attention the loaded model runs: on a CPU, packed rows get sdpa_varlen
     assert s["attn_implementation"] == ("sdpa_varlen" if packing == "true" else "sdpa")
+    # the run plan it trained by (confirmed against the loaded model) is the one the dry run of the same
+    # command prints on this machine, line and record
+    dry = ok(train("--mode", "single", "--backend", backend, "output_dir=dry", *MOE, f"packing={packing}",
+                   "gradient_checkpointing=true", "--dry-run", cwd=tmp_path))
+    assert json.loads(dry.stdout.strip().splitlines()[-1])["run_plan"] == s["run_plan"]
+    assert s["run_plan"]["rows_flattened"] == (packing == "true") and s["run_plan"]["experts"] == "eager"
+    printed = [line.split("run plan", 1)[1].strip(" :") for line in result.stdout.splitlines() + dry.stdout.splitlines()
+               if line.startswith(("run plan: ", "run plan     "))]
+    assert len(printed) == 2 and printed[0] == printed[1], printed
     # the aux term is in the loss that is optimised: step 1 (same weights, same batch) without it is lower
     # by exactly coef * aux_loss
     ok(train("--mode", "single", "--backend", backend, "output_dir=off", *MOE, "router_aux_loss_coef=0",
@@ -169,14 +178,15 @@ def test_4bit_load_stores_the_experts_in_4bit_and_trains_their_lora(tmp_path, mo
     from finetune.lora import count_parameters, plan_targets
     from finetune.model import add_lora, load_base
     from finetune.quant_experts import storage_by_category
+    from finetune.run_plan import decide_here
     from test_distill import batch_of
 
     monkeypatch.chdir(tmp_path)
     cfg = resolve("two-stage", "tiny", None, {"model_name": "tiny-moe", "eval_file": ""}, {}, None)
     assert cfg.load_in_4bit and cfg.dtype == "bfloat16"
-    quantized, tokenizer = load_base(cfg, "hf")
-    plain, _ = load_base(resolve("single", "tiny", None, {"model_name": "tiny-moe", "eval_file": "",
-                                                          "dtype": "bfloat16"}, {}, None), "hf")
+    quantized, tokenizer = load_base(cfg, decide_here(cfg, "hf")[0])
+    bf16 = resolve("single", "tiny", None, {"model_name": "tiny-moe", "eval_file": "", "dtype": "bfloat16"}, {}, None)
+    plain, _ = load_base(bf16, decide_here(bf16, "hf")[0])
     storage = storage_by_category(quantized)
     assert set(storage["experts"]) == {"4bit"} and set(storage["attention"]) == {"4bit"}
     assert storage["experts"]["4bit"] < 0.3 * storage_by_category(plain)["experts"]["bfloat16"]

@@ -450,6 +450,7 @@ def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
     from finetune.config import resolve
     from finetune.data import stage_data
     from finetune.model import load_base
+    from finetune.run_plan import decide_here
     from finetune.stages import sft_trainer, stages_for
 
     monkeypatch.chdir(tmp_path)
@@ -457,8 +458,9 @@ def test_group_by_length_batches_carry_less_padding(tmp_path, monkeypatch):
     shares = {}
     for grouped in ("false", "true"):
         cfg = resolve("single", "tiny", None, {"eval_file": "", "group_by_length": grouped}, {}, None)
-        model, tokenizer = load_base(cfg, "hf")
-        trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / grouped, model, tokenizer,
+        plan = decide_here(cfg, "hf")[0]
+        model, tokenizer = load_base(cfg, plan)
+        trainer = sft_trainer(cfg, stages_for(cfg)[0], tmp_path / grouped, plan, model, tokenizer,
                               stage_data(cfg, records, [], tokenizer))
         assert trainer.args.train_sampling_strategy == ("group_by_length" if grouped == "true" else "random")
         batches = list(trainer.get_train_dataloader())

@@ -1,17 +1,19 @@
 """Configuration resolution and the errors that must come before any model loads."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from finetune.cli import split_overrides
 from finetune.config import ConfigError, parse_overrides, resolve, to_dict
-from finetune.config_schema import field_names
+from finetune.config_schema import CONCERNS, FinetuneConfig, field_names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,11 +105,83 @@ def test_help_config_lists_every_key_with_type_default_and_description():
     result = subprocess.run([sys.executable, str(REPO / "qwen_finetune.py"), "--help-config"], capture_output=True,
                             text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    # a key per line; the concerns' headings ("# ...") and the blank lines between them are not keys
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines() if line and not line.startswith("#"))
     assert list(lines) == field_names()
     assert lines["learning_rate"].split(None, 2)[:2] == ["float", "0.0002"]
     assert "single mode's peak learning rate" in lines["learning_rate"]
     assert all(len(rest.split()) >= 3 for rest in lines.values())  # type, default and some description
+
+
+def test_help_config_groups_the_keys_by_concern_with_each_rule():
+    """Each key belongs to exactly one concern; --help-config prints each concern's heading, then its keys,
+    each with its own rule where it has one."""
+    owners = {name: [c.__name__ for c in CONCERNS if name in {f.name for f in dataclasses.fields(c)}]
+              for name in field_names()}
+    assert {name: len(found) for name, found in owners.items() if len(found) != 1} == {}
+    assert sum(len(dataclasses.fields(c)) for c in CONCERNS) == len(field_names())
+    out = subprocess.run([sys.executable, str(REPO / "qwen_finetune.py"), "--help-config"], capture_output=True,
+                         text=True, cwd=REPO).stdout.splitlines()
+    headings = [line for line in out if line.startswith("# ")]
+    assert headings == [f"# {c.__doc__}" for c in CONCERNS]
+    for concern in CONCERNS:
+        below = out[out.index(f"# {concern.__doc__}") + 1:]
+        for f, line in zip(dataclasses.fields(concern), below):
+            assert line.split()[0] == f.name
+            check = f.metadata["check"]
+            assert line.endswith(f"  [{check.rule}]") if check else not line.endswith("]")
+    by_key = {line.split()[0]: line for line in out if line and not line.startswith("#")}
+    assert by_key["learning_rate"].endswith("[> 0]") and by_key["lora_r"].endswith("[>= 1]")
+    assert by_key["lora_dropout"].endswith("[in [0, 1)]") and by_key["min_lr_ratio"].endswith("[in [0, 1]]")
+    assert by_key["backend"].endswith("[one of: auto, unsloth, hf]")
+
+
+def _numeric_rules():
+    fields = [f for f in dataclasses.fields(FinetuneConfig) if f.metadata["check"] and f.metadata["check"].lo
+              is not None]
+    assert len(fields) >= 30  # every key check_values checked by its range before the rules moved to the schema
+    return [pytest.param(f.name, f.metadata["check"], id=f.name) for f in fields]
+
+
+@pytest.mark.parametrize("name, check", _numeric_rules())
+def test_each_numeric_rule_refuses_just_outside_and_accepts_inside(name, check):
+    """Values built from the rule's own bounds: past an open bound or one step past a closed one is refused
+    with a message naming the key; the bound itself (closed) or one step in (open) is accepted."""
+    from finetune.config import check_values
+
+    step = 1 if isinstance(getattr(FinetuneConfig(), name), int) else 1e-6
+    cases = [(check.lo, check.lo_open, -step)] + ([(check.hi, check.hi_open, step)] if check.hi is not None else [])
+    for bound, is_open, outward in cases:
+        outside = bound if is_open else bound + outward
+        inside = bound - outward if is_open else bound
+        with pytest.raises(ConfigError) as e:
+            check_values(dataclasses.replace(FinetuneConfig(), **{name: outside}))
+        assert str(e.value).startswith(f"'{name}'") and str(outside) in str(e.value)
+        check_values(dataclasses.replace(FinetuneConfig(), **{name: inside}))
+
+
+def test_every_former_check_still_stands_beside_its_field():
+    """The keys check_values checked before each got its rule beside its field: the same kind of rule."""
+    rules = {f.name: f.metadata["check"].rule for f in dataclasses.fields(FinetuneConfig) if f.metadata["check"]}
+    expect = {**dict.fromkeys(("learning_rate", "stage1_learning_rate", "stage2_learning_rate",
+                               "watchdog_first_step_s", "watchdog_step_s", "watchdog_pause_s",
+                               "distill_temperature"), "> 0"),
+              **dict.fromkeys(("lora_r", "lora_alpha", "micro_batch_size", "gradient_accumulation_steps",
+                               "max_length", "logging_steps", "eval_steps", "save_steps", "eval_batch_size",
+                               "general_eval_samples", "save_total_limit", "ddp_timeout"), ">= 1"),
+              **dict.fromkeys(("gen_eval_batch_size", "expert_lora_r", "eval_max_samples", "max_train_samples",
+                               "gen_eval_max_samples", "router_aux_loss_coef", "device_memory_gib",
+                               "dataset_num_proc", "weight_decay", "max_grad_norm", "distill_lambda"), ">= 0"),
+              **dict.fromkeys(("lora_dropout", "warmup_ratio", "rehearsal_ratio"), "in [0, 1)"),
+              "min_lr_ratio": "in [0, 1]", "backend": "one of: auto, unsloth, hf",
+              "dtype": "one of: bfloat16, float16, float32",
+              "attn_implementation": "one of: auto, sdpa, sdpa_varlen, eager, flash_attention_2, flash_attention_3",
+              "experts_implementation": "one of: auto, eager, batched_mm, grouped_mm",
+              "chat_template": "one of: tokenizer_default, qwen3_2507"}
+    assert rules == expect
+    with pytest.raises(ConfigError, match=r"^epochs must be > 0 \(or set max_steps\)$"):
+        resolve_with("num_epochs=0")
+    assert resolve_with("num_epochs=0", "max_steps=2").num_epochs == 0  # max_steps decides the length
 
 
 def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkeypatch):
@@ -115,8 +189,13 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     cores shared by the ranks; the tiny sets get none (spawning costs more than it saves); an explicit
     value always wins. The trainer prepares nothing itself: the datasets come finished."""
     from finetune.data import tokenising_processes
-    from finetune.model import attention_implementation
-    from finetune.stages import flattens_packed_rows, sft_config, stages_for
+    from finetune.run_plan import Machine, attention_for, decide
+    from finetune.stages import sft_config, stages_for
+
+    cpu = Machine(gpu=False, world=1, nodes=1, unsloth_installed=True)
+
+    def plan(cfg, machine=cpu, backend=None, model_type="qwen3"):
+        return decide(cfg, SimpleNamespace(model_type=model_type), machine, backend)
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert tokenising_processes(0, 3_000) is None and tokenising_processes(0, 9_999) is None
@@ -125,37 +204,35 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert tokenising_processes(0, 174_663) == 2 and tokenising_processes(0, 174_663, ranks=4) == 1
     assert tokenising_processes(resolve_with("dataset_num_proc=3").dataset_num_proc, 10) == 3
-    args = sft_config(resolve_with("ddp_timeout=5400"), stages_for(resolve_with())[0], Path("o"))
+    stage = stages_for(resolve_with())[0]
+    timeout = resolve_with("ddp_timeout=5400")
+    args = sft_config(timeout, stage, Path("o"), plan(timeout))
     assert args.ddp_timeout == 5400 and args.dataset_kwargs == {"skip_prepare_dataset": True}
     assert args.packing is False and args.padding_free is False  # never Unsloth's automatic choice
     # packed rows are flattened into one padding-free sequence only where the attention splits the examples
     # by position ids: auto on a CPU is sdpa_varlen (finetune/attention.py) when packing
-    sdpa = sft_config(resolve_with("packing=true", "attn_implementation=sdpa"), stages_for(resolve_with())[0],
-                      Path("o"))
+    sdpa_packed = resolve_with("packing=true", "attn_implementation=sdpa")
+    sdpa = sft_config(sdpa_packed, stage, Path("o"), plan(sdpa_packed))
     assert sdpa.packing is False and sdpa.padding_free is False  # side by side (finetune/collate.py)
     auto = resolve_with("packing=true")
-    assert attention_implementation(auto) == "sdpa_varlen" and attention_implementation(resolve_with()) == "sdpa"
-    varlen = sft_config(auto, stages_for(resolve_with())[0], Path("o"))
+    assert attention_for(auto, cpu) == "sdpa_varlen" and attention_for(resolve_with(), cpu) == "sdpa"
+    varlen = sft_config(auto, stage, Path("o"), plan(auto))
     assert varlen.packing is True and varlen.padding_free is True
     # Unsloth's own attention on a GPU: test_unsloths_own_attention_gets_flattened_rows
-    # the dry run, without the model, expects it from the model type: dense Qwen3 on Unsloth on a GPU
-    from finetune import model as model_mod
-
-    monkeypatch.setattr(model_mod, "has_cuda", lambda: True)
+    # the plan, without the model, expects it from the model type: dense Qwen3 on Unsloth on a GPU
+    gpu = Machine(gpu=True, world=1, nodes=1, unsloth_installed=True, flash_attention=True)
     # auto on a GPU: flash-attn where it imports and the dtype is 16-bit (it has no float32 kernel), else sdpa
     bf16 = resolve_with("packing=true", "dtype=bfloat16")
-    monkeypatch.setattr(model_mod, "flash_attention_works", lambda: True)
-    assert attention_implementation(bf16) == "flash_attention_2"
-    assert auto.dtype == "float32" and attention_implementation(auto) == "sdpa"  # the tiny preset
-    monkeypatch.setattr(model_mod, "flash_attention_works", lambda: False)
-    assert attention_implementation(bf16) == "sdpa"
-    assert model_mod.expects_unsloth_attention("qwen3", "unsloth")
-    assert not model_mod.expects_unsloth_attention("qwen3_moe", "unsloth")
-    assert not model_mod.expects_unsloth_attention("qwen3", "hf")
-    monkeypatch.setattr(model_mod, "has_cuda", lambda: False)
-    assert not model_mod.expects_unsloth_attention("qwen3", "unsloth")  # Unsloth patches nothing on a CPU
-    flash = sft_config(resolve_with("packing=true", "attn_implementation=flash_attention_2", "dtype=bfloat16"),
-                       stages_for(resolve_with())[0], Path("o"))
+    assert attention_for(bf16, gpu) == "flash_attention_2"
+    assert auto.dtype == "float32" and attention_for(auto, gpu) == "sdpa"  # the tiny preset
+    no_flash = dataclasses.replace(gpu, flash_attention=False)
+    assert attention_for(bf16, no_flash) == "sdpa"
+    assert plan(sdpa_packed, no_flash, ("unsloth", "")).rows_flattened
+    assert not plan(sdpa_packed, no_flash, ("unsloth", ""), "qwen3_moe").rows_flattened
+    assert not plan(sdpa_packed, no_flash, ("hf", "")).rows_flattened
+    assert not plan(sdpa_packed, cpu, ("unsloth", "")).rows_flattened  # Unsloth patches nothing on a CPU
+    flash_cfg = resolve_with("packing=true", "attn_implementation=flash_attention_2", "dtype=bfloat16")
+    flash = sft_config(flash_cfg, stage, Path("o"), plan(flash_cfg))
     assert flash.packing is True and flash.padding_free is True
 
 
@@ -167,7 +244,7 @@ from unsloth_zoo.compiler import COMBINED_UNSLOTH_NAME
 FastQwen3Model.pre_patch()  # what Unsloth does to transformers' Qwen3 classes before loading dense Qwen3 on a GPU
 from transformers import AutoModelForCausalLM
 from finetune.config import resolve
-from finetune.stages import flattens_packed_rows
+from finetune.run_plan import Machine, confirm, decide
 from tiny import model_dir
 dense = AutoModelForCausalLM.from_pretrained(model_dir("tiny-dense"))
 moe = AutoModelForCausalLM.from_pretrained(model_dir("tiny-moe"))
@@ -176,8 +253,11 @@ attention = next(m for m in moe.modules() if type(m).__name__.endswith("Attentio
 type(attention).forward.__module__ = COMBINED_UNSLOTH_NAME + "_qwen3_moe"
 packed = resolve("single", "tiny", None, {"packing": True, "attn_implementation": "sdpa"}, {}, None)
 plain = resolve("single", "tiny", None, {"attn_implementation": "sdpa"}, {}, None)
-print(json.dumps({"dense": flattens_packed_rows(packed, dense), "compiled_moe": flattens_packed_rows(packed, moe),
-                  "not_packed": flattens_packed_rows(plain, dense)}))
+def flattened(cfg, model):  # the plan on this CPU, confirmed against the loaded model as the trainer does
+    planned = decide(cfg, model.config, Machine(gpu=False, world=1, nodes=1, unsloth_installed=True), ("unsloth", ""))
+    return confirm(planned, model, None)[0].rows_flattened
+print(json.dumps({"dense": flattened(packed, dense), "compiled_moe": flattened(packed, moe),
+                  "not_packed": flattened(plain, dense)}))
 """
 
 

@@ -50,6 +50,21 @@ MUTATIONS = {
         'return type(module).forward.__module__.startswith("unsloth.models.")',
         'return type(module).forward.__module__.startswith("unsloth")',
         ["tests/test_trainer_config.py", "-k", "unsloths_own"]),
+    "rehearsal-read-again-per-stage": (
+        "finetune/data.py",
+        'rehearsal.plan_general(data.get(("general", cfg.rehearsal_data), cfg.rehearsal_data),',
+        "rehearsal.plan_general(cfg.rehearsal_data,",
+        ["tests/test_walk.py"]),
+    "records-read-through-another-module": (
+        "finetune/checks.py",
+        "data: dict = {path: load_records(path) for path in paths}",
+        "from finetune.data import load_split\n    data: dict = {path: load_split(path, 0, 0) for path in paths}",
+        ["tests/test_walk.py"]),
+    "dry-run-plans-another-machine": (
+        "finetune/preflight.py",
+        "here = run_plan.decide(cfg, model_config, machine)",
+        "here = run_plan.decide(cfg, model_config, machine.with_gpus())",
+        ["tests/test_moe.py", "-k", "keeps_training_as_it_was and unsloth"]),
     "distillation-term-without-gradient": (
         "finetune/distill.py",
         "loss = (task + self.distill_lambda * distill) / denominator",
