@@ -83,6 +83,11 @@ class RunPlan:
     def report(self) -> dict:
         return dataclasses.asdict(self)
 
+    def deepspeed_config(self) -> str | None:
+        """The DeepSpeed file the trainer gets. None also while `auto` is undecided: the run always decides it
+        (finetune/checks.check_memory); a plan used without the memory plan (a test, a benchmark) runs without."""
+        return None if self.launcher in ("", "auto") else self.launcher
+
     def with_launcher(self, launcher: str) -> "RunPlan":
         return dataclasses.replace(self, launcher=launcher)
 

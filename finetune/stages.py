@@ -166,7 +166,7 @@ def sft_config(cfg: FinetuneConfig, stage: Stage, out: Path, plan: RunPlan, has_
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # never the checkpoint's value by accident
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=cfg.report_to or "none",
-        deepspeed=plan.launcher or None,  # deepspeed=auto: the memory plan's choice (finetune/checks.py)
+        deepspeed=plan.deepspeed_config(),  # deepspeed=auto: the memory plan's choice (finetune/checks.py)
         save_only_model=False,  # resume needs the optimizer and scheduler state
         disable_tqdm=False,
     )
