@@ -149,9 +149,11 @@ def experts_for(cfg: FinetuneConfig, backend: str, machine: Machine) -> str:
 def flash_attention_works() -> bool:
     """flash-attn 2 is installed (transformers' check: the package, >= 2.3.3, CUDA) and its CUDA extension
     imports: a build for another torch fails there ("undefined symbol"), not at find_spec."""
+    import torch
     from transformers.utils import is_flash_attn_2_available
 
-    if not is_flash_attn_2_available():
+    # FlashAttention 2 runs on Ampere (sm80) and later; Unsloth's own check says the same
+    if not is_flash_attn_2_available() or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
         importlib.import_module("flash_attn")

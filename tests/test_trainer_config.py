@@ -227,6 +227,11 @@ def test_tokenising_processes_only_on_a_large_set_and_shared_by_the_ranks(monkey
     assert auto.dtype == "float32" and attention_for(auto, gpu) == "sdpa"  # the tiny preset
     no_flash = dataclasses.replace(gpu, flash_attention=False)
     assert attention_for(bf16, no_flash) == "sdpa"
+    # deepspeed=auto on a GPU waits for the memory plan (finetune/checks.py); undecided, the trainer gets no file
+    undecided = plan(resolve_with(), gpu)
+    assert undecided.launcher == "auto" and undecided.deepspeed_config() is None
+    assert undecided.with_launcher("zero2.json").deepspeed_config() == "zero2.json"
+    assert plan(resolve_with(), cpu).launcher == ""  # a CPU run is not planned: no DeepSpeed
     assert plan(sdpa_packed, no_flash, ("unsloth", "")).rows_flattened
     assert not plan(sdpa_packed, no_flash, ("unsloth", ""), "qwen3_moe").rows_flattened
     assert not plan(sdpa_packed, no_flash, ("hf", "")).rows_flattened
