@@ -54,15 +54,25 @@ def length_report(records: list[dict], tokenizer, max_length: int, sample: int |
     subset = records if not sample or len(records) <= sample else random.Random(0).sample(records, sample)
     lengths = token_lengths(subset, tokenizer)
     over = [i for i, n in enumerate(lengths) if n > max_length]
-    prompt_over = 0
-    if over:
-        prompt_over = sum(n >= max_length for n in prompt_lengths([subset[i] for i in over], tokenizer))
-    scale = len(records) / max(len(subset), 1)
-    return {"examples": len(records), "measured": len(subset), "tokens": percentiles(lengths),
+    prompts = prompt_lengths([subset[i] for i in over], tokenizer) if over else []
+    return summarize_lengths(lengths, prompts, max_length, examples=len(records))
+
+
+def summarize_lengths(lengths: list[int], over_prompt_lengths: list[int], max_length: int, examples: int,
+                      packing_sample: int = 5000) -> dict:
+    """The report of `length_report` from measured lengths: `lengths` of full chats (a sample of `examples`
+    records, or all of them), `over_prompt_lengths` the prompt lengths of those over `max_length` (the
+    trainer has both from its one tokenisation: finetune/data.py). Examples per packed row are measured on
+    a seeded sample of `packing_sample` lengths."""
+    over = sum(n > max_length for n in lengths)
+    prompt_over = sum(n >= max_length for n in over_prompt_lengths)
+    scale = examples / max(len(lengths), 1)
+    packed = lengths if len(lengths) <= packing_sample else random.Random(0).sample(lengths, packing_sample)
+    return {"examples": examples, "measured": len(lengths), "tokens": percentiles(lengths),
             "tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1),
-            "over_max_length": round(len(over) * scale), "over_share": round(len(over) / max(len(subset), 1), 4),
-            "answer_cut": round((len(over) - prompt_over) * scale), "prompt_over": round(prompt_over * scale),
-            "examples_per_row": examples_per_row(lengths, max_length), "max_length": max_length}
+            "over_max_length": round(over * scale), "over_share": round(over / max(len(lengths), 1), 4),
+            "answer_cut": round((over - prompt_over) * scale), "prompt_over": round(prompt_over * scale),
+            "examples_per_row": examples_per_row(packed, max_length), "max_length": max_length}
 
 
 def examples_per_row(lengths: list[int], max_length: int) -> float:

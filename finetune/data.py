@@ -20,7 +20,7 @@ from pathlib import Path
 from core.distributed import is_rank_zero, world_size
 from core.prompt import record_messages
 from core.records import file_sha256, load_records, seeded_subset
-from data_tools.stats import length_report
+from data_tools.stats import summarize_lengths
 from finetune import rehearsal
 from finetune.report import say
 
@@ -69,14 +69,16 @@ def record_rows(records: list[dict], tokenizer, max_length: int) -> list[dict]:
     for prompt, full in zip(prompts, fulls):
         start = common_prefix_length(prompt, full)
         labels = labels_ending_at([-100] * start + full[start:], end)
-        rows.append({"input_ids": full[:max_length], "labels": labels[:max_length]})
+        # the uncut lengths: what max_length cuts is reported from this one tokenisation (stage_inputs)
+        rows.append({"input_ids": full[:max_length], "labels": labels[:max_length], "length": len(full),
+                     "prompt_length": len(prompt)})
     return rows
 
 
 def _tokenise_batch(batch: dict, tokenizer, max_length: int) -> dict:
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     rows = record_rows(records, tokenizer, max_length)
-    return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    return {key: [r[key] for r in rows] for key in ("input_ids", "labels", "length", "prompt_length")}
 
 
 @dataclass
@@ -92,6 +94,7 @@ class StageData:
     tokens: int
     max_length: int
     eval_dropped: int = 0  # eval records without a trained token left: out of eval_loss, still generated
+    record_lengths: tuple = ([], [])  # each training record's uncut (chat, prompt) tokens, in order
 
     def report(self) -> dict:
         rows = len(self.train)
@@ -115,9 +118,18 @@ def token_count(dataset) -> int:
     return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
 
 
-def token_dataset(records: list[dict], tokenizer, max_length: int, num_proc: int | None = None,
-                  name: str = "train"):
-    """The records as a Dataset of rows (ROW_COLUMNS), fully cut rows dropped; and how many were."""
+@dataclass
+class TokenRows:
+    """Records tokenised once: their rows (ROW_COLUMNS; fully cut rows dropped, `dropped` of them) and every
+    record's uncut chat and prompt lengths, in the records' order."""
+    rows: object  # datasets.Dataset
+    dropped: int
+    lengths: list[int]
+    prompt_lengths: list[int]
+
+
+def tokenised(records: list[dict], tokenizer, max_length: int, num_proc: int | None = None,
+              name: str = "train") -> TokenRows:
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
 
@@ -128,26 +140,38 @@ def token_dataset(records: list[dict], tokenizer, max_length: int, num_proc: int
     dataset = Dataset.from_dict(fields).map(
         _tokenise_batch, batched=True, num_proc=num_proc, remove_columns=["instruction", "input", "output"],
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, desc=f"Tokenising the {name} set")
+    lengths, prompt_lengths = list(dataset["length"]), list(dataset["prompt_length"])
     kept = dataset.filter(lambda row: any(label != -100 for label in row["labels"]), num_proc=num_proc,
                           desc=f"Dropping {name} rows with no trained token")
     # flattened: the filter leaves an index over the full table, which token_count would read past
-    return kept.select_columns(ROW_COLUMNS).flatten_indices(), len(dataset) - len(kept)
+    return TokenRows(kept.select_columns(ROW_COLUMNS).flatten_indices(), len(dataset) - len(kept), lengths,
+                     prompt_lengths)
+
+
+def token_dataset(records: list[dict], tokenizer, max_length: int, num_proc: int | None = None,
+                  name: str = "train"):
+    """(the records' rows, how many were dropped): `tokenised` without the lengths (the benchmarks)."""
+    tokens = tokenised(records, tokenizer, max_length, num_proc, name)
+    return tokens.rows, tokens.dropped
 
 
 def stage_data(cfg, train_records: list[dict], eval_records: list[dict], tokenizer,
                text_rows: list[dict] = ()) -> StageData:
     """The finished datasets of a stage: tokenised, masked, rehearsal rows (`text_rows`) mixed in, packed
-    when `cfg.packing`."""
+    when `cfg.packing`; with the uncut token lengths of the training records (`StageData.record_lengths`)."""
     from datasets import Dataset, concatenate_datasets
 
-    train, dropped = token_dataset(train_records, tokenizer, cfg.max_length,
-                                   tokenising_processes(cfg.dataset_num_proc, len(train_records), world_size()))
+    tokens = tokenised(train_records, tokenizer, cfg.max_length,
+                       tokenising_processes(cfg.dataset_num_proc, len(train_records), world_size()))
+    train = tokens.rows
     if text_rows:
         train = concatenate_datasets([train, Dataset.from_list(list(text_rows)).select_columns(ROW_COLUMNS)])
     # The eval set is never packed: eval_loss averages per batch, and packing would regroup it.
     evals, eval_dropped = token_dataset(eval_records, tokenizer, cfg.max_length, name="eval") \
         if eval_records else (None, 0)
-    return packed_if_asked(cfg, train, evals, dropped, eval_dropped)
+    data = packed_if_asked(cfg, train, evals, tokens.dropped, eval_dropped)
+    data.record_lengths = (tokens.lengths, tokens.prompt_lengths)
+    return data
 
 
 def packed_if_asked(cfg, train, evals, dropped: int, eval_dropped: int = 0) -> StageData:
@@ -180,7 +204,6 @@ def stage_inputs(cfg, stage, data: dict, tokenizer, timer) -> StageInputs:
         train_records = seeded_subset(data[stage.train_file], cfg.max_train_samples, cfg.seed)
         eval_records = (seeded_subset(data[cfg.eval_file], cfg.eval_max_samples, cfg.seed)
                         if cfg.eval_file else [])
-        lengths = length_report(train_records, tokenizer, cfg.max_length)
         general = rehearsal.plan_general(data.get(("general", cfg.rehearsal_data), cfg.rehearsal_data),
                                          cfg.rehearsal_ratio,
                                          data.get(("general", cfg.general_eval_file), cfg.general_eval_file),
@@ -195,12 +218,16 @@ def stage_inputs(cfg, stage, data: dict, tokenizer, timer) -> StageInputs:
             train_records = train_records + general.examples
         else:
             rehearsal_text = rehearsal.text_rows(general.examples, tokenizer, cfg.max_length)
-    if lengths["over_max_length"]:
-        say(f"warning: about {lengths['over_max_length']:,} of {len(train_records):,} training examples "
-            f"are longer than max_length {cfg.max_length} and will be cut (answer end lost); "
-            f"token length percentiles: {lengths['tokens']}")
+    task_records = len(train_records)  # the rehearsal records follow them
+    if general is not None and general.examples and general.kind == "records":
+        task_records -= len(general.examples)
     with timer(f"{stage.name}.tokenise"):
         stage_rows = stage_data(cfg, train_records, eval_records, tokenizer, rehearsal_text)
+    lengths = task_lengths(stage_rows, task_records, cfg.max_length)
+    if lengths["over_max_length"]:
+        say(f"warning: {lengths['over_max_length']:,} of {task_records:,} training examples "
+            f"are longer than max_length {cfg.max_length} and are cut (answer end lost); "
+            f"token length percentiles: {lengths['tokens']}")
     say(f"{stage.name}: {describe_packing(stage_rows.report())}")
     if stage_rows.dropped:
         say(f"warning: {stage_rows.dropped:,} training examples left out: max_length {cfg.max_length} cuts "
@@ -216,6 +243,14 @@ def stage_inputs(cfg, stage, data: dict, tokenizer, timer) -> StageInputs:
                                      + Counter(r["source"] for r in rehearsal_text)),
                      "general": general.report if general else None}
     return StageInputs(eval_records, stage_rows, general, data_identity)
+
+
+def task_lengths(rows: StageData, task_records: int, max_length: int) -> dict:
+    """The token-length report (data_tools.stats) of the task's training records, from the lengths their one
+    tokenisation measured (rehearsal rows left out)."""
+    full, prompts = (values[:task_records] for values in rows.record_lengths)
+    return summarize_lengths(full, [p for n, p in zip(full, prompts) if n > max_length], max_length,
+                             examples=task_records)
 
 
 def gen_eval_records(cfg) -> list[dict] | None:

@@ -99,3 +99,17 @@ def test_an_empty_file_has_no_lengths_and_no_rows(qwen3):
     assert token_lengths([], qwen3) == []
     report = length_report([], qwen3, max_length=1536)
     assert report["examples"] == 0 and report["tokens"] == {} and report["examples_per_row"] == 0.0
+
+
+def test_the_runs_lengths_come_from_its_one_tokenisation_and_equal_the_stats_report(qwen3):
+    """The trainer reports token lengths from the pass that builds its rows (finetune/data.py), not from a
+    second tokenisation: the report equals data_tools.stats on every record, cuts and drops included."""
+    from data_tools.synth import generate
+    from finetune.config import resolve
+    from finetune.data import stage_data, task_lengths
+
+    records = generate(0, "train", "positive", 30) + generate(0, "train", "negative", 10)
+    for max_length in (4096, 300, 150):  # nothing cut; some answers cut; some prompts over max_length too
+        cfg = resolve("single", "tiny", None, {"eval_file": "", "max_length": str(max_length)}, {}, None)
+        rows = stage_data(cfg, records, [], qwen3)
+        assert task_lengths(rows, len(records), max_length) == length_report(records, qwen3, max_length, sample=None)

@@ -37,7 +37,9 @@ def test_a_record_reaches_a_batch_through_each_module_once(tmp_path):
             assert len(set(chain)) == len(chain), f"{name}: a module entered twice: {chain}"
             assert chain[:2] == ENTRY, chain
     assert stacks["train"] == [ENTRY]  # the recipe calls trainer.train() itself
-    assert stacks["tokenise"] == [ENTRY + ["finetune.data"]]  # one tokenisation path for records
+    # one tokenisation path for records: the token-length report comes from it, not from a second pass
+    # (data_tools.stats.token_lengths, which the dry run uses on a sample)
+    assert stacks["tokenise"] == [ENTRY + ["finetune.data"]]
     assert sorted(stacks["read"]) == [ENTRY + ["finetune.checks", "core.records"],
                                       ENTRY + ["finetune.checks", "finetune.rehearsal"]]
     assert stacks["batch"] == [ENTRY + ["finetune.collate"]]

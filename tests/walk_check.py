@@ -39,6 +39,7 @@ def main(args: list[str]) -> int:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     import core.records
+    import data_tools.stats
     import finetune.data
     import finetune.rehearsal
     from finetune import cli
@@ -46,6 +47,7 @@ def main(args: list[str]) -> int:
 
     watched = {core.records.load_records.__code__: "read", finetune.rehearsal.load_general.__code__: "read",
                finetune.data.record_rows.__code__: "tokenise",
+               data_tools.stats.token_lengths.__code__: "tokenise",
                DataCollatorForLanguageModeling.torch_call.__code__: "batch",
                PackedRowsCollator.torch_call.__code__: "batch",
                transformers.Trainer.train.__code__: "train"}

@@ -65,6 +65,11 @@ MUTATIONS = {
         "here = run_plan.decide(cfg, model_config, machine)",
         "here = run_plan.decide(cfg, model_config, machine.with_gpus())",
         ["tests/test_moe.py", "-k", "keeps_training_as_it_was and unsloth"]),
+    "run-token-lengths-count-the-answer-as-prompt": (
+        "finetune/data.py",
+        '"prompt_length": len(prompt)})',
+        '"prompt_length": len(full)})',
+        ["tests/test_token_lengths.py", "-k", "one_tokenisation"]),
     "distillation-term-without-gradient": (
         "finetune/distill.py",
         "loss = (task + self.distill_lambda * distill) / denominator",
