@@ -169,21 +169,21 @@ def stage_data(cfg, train_records: list[dict], eval_records: list[dict], tokeniz
     # The eval set is never packed: eval_loss averages per batch, and packing would regroup it.
     evals, eval_dropped = token_dataset(eval_records, tokenizer, cfg.max_length, name="eval") \
         if eval_records else (None, 0)
-    data = packed_if_asked(cfg, train, evals, tokens.dropped, eval_dropped)
-    data.record_lengths = (tokens.lengths, tokens.prompt_lengths)
-    return data
+    return packed_if_asked(cfg, train, evals, tokens.dropped, eval_dropped, (tokens.lengths, tokens.prompt_lengths))
 
 
-def packed_if_asked(cfg, train, evals, dropped: int, eval_dropped: int = 0) -> StageData:
+def packed_if_asked(cfg, train, evals, dropped: int, eval_dropped: int = 0,
+                    record_lengths: tuple = ([], [])) -> StageData:
     """The stage's data from its token rows, packed best-fit-decreasing into rows of max_length when
-    `cfg.packing`."""
+    `cfg.packing`; `record_lengths`: the records' uncut (chat, prompt) tokens (`tokenised`)."""
     examples, tokens = len(train), token_count(train)
     if cfg.packing:
         from trl.data_utils import pack_dataset
 
         train = pack_dataset(train.select_columns(["input_ids", "labels"]), cfg.max_length, "bfd",
                              {"desc": "Packing the train set"})
-    return StageData(train, evals, dropped, cfg.packing, examples, tokens, cfg.max_length, eval_dropped)
+    return StageData(train, evals, dropped, cfg.packing, examples, tokens, cfg.max_length, eval_dropped,
+                     record_lengths)
 
 
 @dataclass
@@ -208,6 +208,7 @@ def stage_inputs(cfg, stage, data: dict, tokenizer, timer) -> StageInputs:
                                          cfg.rehearsal_ratio,
                                          data.get(("general", cfg.general_eval_file), cfg.general_eval_file),
                                          cfg.general_eval_samples, len(train_records), cfg.seed)
+    task_records = len(train_records)  # rehearsal records, if any, are appended after these
     rehearsal_text: list[dict] = []
     if general is not None and general.examples:
         r = general.report
@@ -218,9 +219,6 @@ def stage_inputs(cfg, stage, data: dict, tokenizer, timer) -> StageInputs:
             train_records = train_records + general.examples
         else:
             rehearsal_text = rehearsal.text_rows(general.examples, tokenizer, cfg.max_length)
-    task_records = len(train_records)  # the rehearsal records follow them
-    if general is not None and general.examples and general.kind == "records":
-        task_records -= len(general.examples)
     with timer(f"{stage.name}.tokenise"):
         stage_rows = stage_data(cfg, train_records, eval_records, tokenizer, rehearsal_text)
     lengths = task_lengths(stage_rows, task_records, cfg.max_length)

@@ -22,13 +22,13 @@ from core.distributed import nodes as node_count
 from core.runinfo import library_versions
 from data_tools.tiny_data import ensure_tiny_data
 from finetune import config as config_mod
+from finetune import run_plan
 from finetune.checks import check_best_metric_reported, check_memory, check_model_config, read_run_data
 from finetune.config_schema import FinetuneConfig
 from finetune.data import StageInputs, stage_inputs
 from finetune.forgetting import measure_forgetting
 from finetune.moe import expert_lora_path, router_aux_loss_setting, use_experts_implementation
 from finetune.moe import describe as describe_aux_loss
-from finetune import run_plan
 from finetune.nodes import (check_shared_output, describe_launch, empty_cuda_cache, init_distributed,
                             launch_table, record_launch, wait_for_rank_zero)
 from finetune.report import adapter_step, print_summary, say
